@@ -1,0 +1,241 @@
+"""Command line: ``lora_trainer train | demo | inspect | config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import LoraTrainerError
+
+
+def _progress_listener(quiet: bool = False):
+    """Print events: a tqdm bar for steps when tqdm is installed, plain lines otherwise."""
+    from .train.events import (
+        CachingProgress,
+        EpochEnd,
+        FileSaved,
+        Message,
+        StepEvent,
+        TrainingFinished,
+        TrainingStarted,
+    )
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    state: dict = {"bar": None}
+
+    def fmt_eta(s: float) -> str:
+        s = int(s)
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+    def write(text: str) -> None:
+        if state["bar"] is not None:
+            state["bar"].write(text)
+        else:
+            print(text, flush=True)
+
+    def on_event(ev) -> None:
+        if isinstance(ev, Message):
+            write(("WARNING: " if ev.level == "warning" else "") + ev.text)
+        elif isinstance(ev, TrainingStarted):
+            write(ev.summary)
+            if tqdm is not None and not quiet:
+                state["bar"] = tqdm(total=ev.total_steps, unit="step", dynamic_ncols=True, file=sys.stdout)
+        elif isinstance(ev, CachingProgress):
+            if ev.done == ev.total and ev.total:
+                write(f"latents cached: {ev.total} images")
+        elif isinstance(ev, StepEvent):
+            if state["bar"] is not None:
+                state["bar"].update(ev.step - state["bar"].n)
+                lr = next(iter(ev.lrs.values()), 0.0)
+                state["bar"].set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.4f}", avg=f"{ev.loss_average:.4f}", lr=f"{lr:.2e}")
+            elif not quiet:
+                print(
+                    f"step {ev.step}/{ev.total_steps} epoch {ev.epoch} loss {ev.loss:.4f} avg {ev.loss_average:.4f} "
+                    f"eta {fmt_eta(ev.eta)}",
+                    flush=True,
+                )
+        elif isinstance(ev, EpochEnd):
+            write(f"epoch {ev.epoch} done: mean loss {ev.loss_epoch:.4f}")
+        elif isinstance(ev, FileSaved):
+            name = Path(ev.path).stem
+            write(f"saved {ev.path}   (prompt tag: <lora:{name}:1>)")
+        elif isinstance(ev, TrainingFinished):
+            if state["bar"] is not None:
+                state["bar"].close()
+                state["bar"] = None
+            print(("stopped" if ev.stopped else "finished") + f" after {ev.steps} steps in {ev.seconds:.1f} s", flush=True)
+
+    return on_event
+
+
+def _make_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
+    sets = list(getattr(args, "set", None) or [])
+    for opt, key in (("model", "pretrained_model"), ("data", "train_data_dir"), ("output", "output_dir"), ("name", "output_name")):
+        v = getattr(args, opt, None)
+        if v is not None:
+            sets.append(f"{key}={v}")
+    return cfg.with_overrides(sets).validate()
+
+
+def _events(args: argparse.Namespace, cfg: TrainConfig):
+    from .train.events import EventBus
+
+    bus = EventBus(_progress_listener(getattr(args, "quiet", False)))
+    if cfg.logging_dir:
+        from .train.tensorboard import tensorboard_listener
+
+        listener = tensorboard_listener(cfg.logging_dir, cfg.output_name)
+        if listener is None:
+            bus.warning("logging_dir is set but TensorBoard is not installed (pip install tensorboard): not logging")
+        else:
+            bus.subscribe(listener)
+    return bus
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _make_config(args)
+    if args.print_config:
+        print(cfg.to_toml())
+        return 0
+    from .hosts.standalone import StandaloneHost
+    from .train.loop import train
+    from .train.runtime import Runtime
+
+    runtime = Runtime.from_env(cfg.mixed_precision, args.device)
+    bus = _events(args, cfg)
+    if not runtime.is_main:
+        bus = type(bus)()  # other processes train silently
+    bundle = StandaloneHost().model_bundle(cfg, runtime)
+    train(cfg, bundle, bus, runtime=runtime, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo_dataset
+    from .hosts.standalone import StandaloneHost
+    from .model.tiny import build_tiny_sd
+    from .train.loop import train
+    from .train.runtime import Runtime
+
+    out = Path(args.out).resolve()
+    run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
+    data = make_demo_dataset(run_dir)
+    lora_dir = run_dir / "models" / "Lora"
+    cfg = TrainConfig(
+        pretrained_model="tiny-sd15 (built from configs)",
+        train_data_dir=str(data),
+        output_dir=str(lora_dir),
+        output_name="demo_ohwx",
+        resolution=64,
+        network_dim=8,
+        network_alpha=8.0,
+        unet_lr=1e-3,
+        text_encoder_lr=5e-4,
+        learning_rate=1e-3,
+        max_train_epochs=args.epochs,
+        lr_scheduler="cosine_with_restarts",
+        lr_scheduler_num_cycles=2,
+        seed=1234,
+    ).with_overrides(args.set or []).validate()
+    cfg.save(run_dir / "config.toml")
+    print(f"demo dataset: {data}")
+    runtime = Runtime.from_env(cfg.mixed_precision, "cpu")
+    bundle = StandaloneHost(build_tiny_sd(seed=0, tokenizer_dir=run_dir / "tiny-sd15-tokenizer")).model_bundle(cfg, runtime)
+    result = train(cfg, bundle, _events(args, cfg), runtime=runtime)
+    print(f"\n{len(result.files)} LoRA files in {lora_dir}:")
+    for f in result.files:
+        print(f"  {f.name}")
+    print(f"config used: {run_dir / 'config.toml'}  (re-run with: lora_trainer train --config ...)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    with safe_open(args.file, "pt") as f:
+        meta = f.metadata() or {}
+        keys = list(f.keys())
+    modules = sorted({k.split(".")[0] for k in keys})
+    print(f"{args.file}: {len(keys)} tensors, {len(modules)} modules")
+    for prefix in ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"):
+        n = sum(m.startswith(prefix) for m in modules)
+        if n:
+            print(f"  {prefix}*: {n}")
+    for k in sorted(meta):
+        v = meta[k]
+        if len(v) > 120 and not args.full:
+            v = v[:117] + "..."
+        print(f"  {k} = {v}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _make_config(args)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=1))
+    else:
+        print(cfg.to_toml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora_trainer", description="Train Stable Diffusion LoRAs (kohya-format files).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="TOML configuration file")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (repeatable)")
+
+    t = sub.add_parser("train", help="train a LoRA from a config file and/or options")
+    common(t)
+    t.add_argument("--model", help="base model (.safetensors or diffusers folder); same as --set pretrained_model=")
+    t.add_argument("--data", help="train_data_dir with <repeats>_<name>/ folders")
+    t.add_argument("--output", help="output_dir for the LoRA files")
+    t.add_argument("--name", help="output_name")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    t.add_argument("--overwrite", action="store_true", help="allow replacing existing files of the same output_name")
+    t.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train on a built-in tiny model and synthetic dataset (no download)")
+    d.add_argument("--out", default="demo_output", help="folder for the demo run (default: demo_output)")
+    d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (repeatable)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("inspect", help="show the keys and metadata of a LoRA file")
+    i.add_argument("file")
+    i.add_argument("--full", action="store_true", help="do not shorten long values")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("config", help="print the default (or resulting) configuration as TOML")
+    common(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraTrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""One typed training configuration: TOML in and out, ``--set key=value`` overrides, validation.
+
+Field names follow kohya sd-scripts where one exists, so users recognise them from the guides.
+This module must not import torch or a host: the UI and the CLI validate a config before any
+model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "DAdaptAdam", "Prodigy", "Lion")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+NETWORK_TYPES = ("Standard", "LoCon")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISION = ("fp16", "bf16", "float")
+ATTENTION = ("sdpa", "xformers")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+_OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-()\[\]]*$")
+
+
+def _f(default: Any, section: str, help: str, **extra: Any) -> Any:
+    """A dataclass field that carries its TOML section and a one-line help text."""
+    meta = {"section": section, "help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model: str = _f("", "model", "Base model: a single-file .safetensors/.ckpt (A1111 layout) or a diffusers folder")
+    model_config_dir: str = _f("", "model", "Folder with diffusers configs and tokenizer, for single files whose configs are not built in")
+    prediction_type: str = _f("auto", "model", "Training target", choices=PREDICTION_TYPES)
+    # dataset
+    train_data_dir: str = _f("", "dataset", "Folder holding <repeats>_<name>/ sub-folders of images and captions")
+    caption_extension: str = _f(".txt", "dataset", "Extension of caption files next to each image")
+    resolution: int = _f(512, "dataset", "Training resolution in pixels (square)", min=64, multiple=8)
+    alpha_background: str = _f("#ffffff", "dataset", "Colour transparent pixels are composed over (#rrggbb)")
+    shuffle_caption: bool = _f(False, "dataset", "Shuffle comma-separated tags each step")
+    keep_tokens: int = _f(0, "dataset", "Leading tags never shuffled or dropped", min=0)
+    caption_dropout_rate: float = _f(0.0, "dataset", "Probability of training an image with an empty caption", min=0.0, max=1.0)
+    caption_tag_dropout_rate: float = _f(0.0, "dataset", "Probability of dropping each tag (after keep_tokens)", min=0.0, max=1.0)
+    # network
+    network_type: str = _f("Standard", "network", "LoRA kind: Standard (attention + MLP) or LoCon (+ 3x3 convs)", choices=NETWORK_TYPES)
+    network_dim: int = _f(32, "network", "LoRA rank", min=1, max=1024)
+    network_alpha: float = _f(16.0, "network", "LoRA alpha (scale = alpha / rank)", min=0.0)
+    conv_dim: int = _f(8, "network", "LoCon rank of 3x3 convolutions", min=1, max=1024)
+    conv_alpha: float = _f(1.0, "network", "LoCon alpha of 3x3 convolutions", min=0.0)
+    train_text_encoder: bool = _f(True, "network", "Train LoRA on the text encoder too (off = network_train_unet_only)")
+    # optimizer
+    optimizer: str = _f("AdamW", "optimizer", "Optimizer", choices=OPTIMIZERS)
+    optimizer_args: str = _f("", "optimizer", "Extra optimizer arguments, kohya style: 'decouple=True weight_decay=0.01 betas=0.9,0.999'")
+    learning_rate: float = _f(1e-4, "optimizer", "Base learning rate (used where unet_lr / text_encoder_lr are 0)", min=0.0)
+    unet_lr: float = _f(1e-4, "optimizer", "UNet learning rate", min=0.0)
+    text_encoder_lr: float = _f(5e-5, "optimizer", "Text encoder learning rate", min=0.0)
+    lr_scheduler: str = _f("cosine_with_restarts", "optimizer", "Learning-rate schedule", choices=SCHEDULERS)
+    lr_scheduler_num_cycles: int = _f(3, "optimizer", "Restarts of cosine_with_restarts", min=1)
+    lr_scheduler_power: float = _f(1.0, "optimizer", "Power of the polynomial schedule", min=0.0)
+    lr_warmup_steps: float = _f(0.0, "optimizer", "Warm-up steps (a value below 1 is a fraction of all steps)", min=0.0)
+    # training
+    train_batch_size: int = _f(1, "training", "Images per step", min=1)
+    max_train_epochs: int = _f(10, "training", "Epochs (ignored when max_train_steps is set)", min=1)
+    max_train_steps: int = _f(0, "training", "Total optimizer steps (0 = from epochs)", min=0)
+    gradient_accumulation_steps: int = _f(1, "training", "Batches accumulated per optimizer step", min=1)
+    gradient_checkpointing: bool = _f(False, "training", "Trade compute for memory")
+    mixed_precision: str = _f("no", "training", "Compute precision", choices=MIXED_PRECISION)
+    attention: str = _f("sdpa", "training", "Attention kernel", choices=ATTENTION)
+    cache_latents: bool = _f(True, "training", "Encode every image once before training")
+    cache_latents_to_disk: bool = _f(False, "training", "Keep the latent cache in .npz files next to the images")
+    seed: int = _f(42, "training", "Random seed (same seed, same file on CPU)", min=0)
+    noise_offset: float = _f(0.0, "training", "Noise offset (0 = off; 0.05-0.1 typical)", min=0.0, max=1.0)
+    min_snr_gamma: float = _f(0.0, "training", "Min-SNR weighting gamma (0 = off; 5 typical)", min=0.0)
+    clip_skip: int = _f(1, "training", "Use the output of the n-th last text-encoder layer", min=1, max=12)
+    # output
+    output_dir: str = _f("output", "output", "Folder the LoRA files are written to")
+    output_name: str = _f("lora", "output", "File name of the LoRA (epoch files get -000001 ...)")
+    save_every_n_epochs: int = _f(1, "output", "Save a LoRA file every n epochs (0 = only the final one)", min=0)
+    save_precision: str = _f("fp16", "output", "Precision of the saved LoRA", choices=SAVE_PRECISION)
+    logging_dir: str = _f("", "output", "TensorBoard folder (empty = no logging)")
+
+    # ---------------------------------------------------------------- helpers
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` for the first invalid field; return self when all are valid."""
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        if not _OUTPUT_NAME_RE.match(self.output_name) or self.output_name in (".", ".."):
+            raise ConfigError(
+                "output_name",
+                self.output_name,
+                "letters, digits, space and _ . - ( ) [ ], starting with a letter or digit (no folder separators)",
+            )
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError("caption_extension", self.caption_extension, "an extension starting with a dot, e.g. .txt")
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.alpha_background):
+            raise ConfigError("alpha_background", self.alpha_background, "a colour as #rrggbb, e.g. #ffffff")
+        if self.optimizer_args:
+            parse_optimizer_args(self.optimizer_args)  # raises ConfigError with the offending part
+        if self.mixed_precision == "fp16" and self.save_precision == "bf16":
+            pass  # allowed: kohya allows it too
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Sectioned TOML, one commented line per field."""
+        out: list[str] = []
+        section = None
+        for f in fields(self):
+            sec = f.metadata["section"]
+            if sec != section:
+                if out:
+                    out.append("")
+                out.append(f"[{sec}]")
+                section = sec
+            out.append(f"# {f.metadata['help']}")
+            out.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(out) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a flat or sectioned mapping; unknown keys are an error (a typo must not pass)."""
+        flat: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        sections = {f.metadata["section"] for f in fields(cls)}
+        for key, value in data.items():
+            if isinstance(value, dict) and key in sections:
+                for k, v in value.items():
+                    flat[k] = v
+            else:
+                flat[key] = value
+        unknown = sorted(set(flat) - names)
+        if unknown:
+            hints = []
+            for u in unknown:
+                close = _closest(u, names)
+                hints.append(f"{u}" + (f" (did you mean {close}?)" if close else ""))
+            raise ConfigError(
+                unknown[0], flat[unknown[0]], f"a known option; unknown in {source}: {', '.join(hints)}"
+            )
+        cfg = cls()
+        for f in fields(cls):
+            if f.name in flat:
+                setattr(cfg, f.name, coerce(f, flat[f.name]))
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config", str(p), "an existing TOML file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", str(p), f"valid TOML ({e})") from None
+        return cls.from_dict(data, source=str(p))
+
+    def with_overrides(self, pairs: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings (the CLI's ``--set``); values are parsed like TOML values."""
+        data = self.to_dict()
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError("--set", pair, "key=value, e.g. --set network_dim=64")
+            key, value = pair.split("=", 1)
+            key = key.strip()
+            if key not in data:
+                close = _closest(key, data)
+                raise ConfigError(key, value, "a known option" + (f" (did you mean {close}?)" if close else ""))
+            data[key] = value.strip()
+        return TrainConfig.from_dict(data, source="--set")
+
+    # derived values ---------------------------------------------------------
+    @property
+    def effective_unet_lr(self) -> float:
+        return self.unet_lr or self.learning_rate
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
+
+
+def _closest(name: str, candidates: Any) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            raise ValueError(f"cannot write {v} to TOML")
+        return repr(v)
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Convert ``value`` (from TOML, JSON or a CLI string) to the field's type, or raise ConfigError."""
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            s = str(value).strip()
+            return int(float(s)) if re.fullmatch(r"[+-]?\d+(\.0*)?", s) else int(s)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f.name, value, f"a value of type {typ}") from None
+    raise ConfigError(f.name, value, f"a value of type {typ}")
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    if "choices" in m and value not in m["choices"]:
+        # accept a case-insensitive match by correcting nothing: tell the user the exact spelling
+        raise ConfigError(f.name, value, "one of " + ", ".join(m["choices"]))
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        raise ConfigError(f.name, value, "a finite number")
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f.name, value, f"a number >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(f.name, value, f"a number <= {hi}" + (f" and >= {lo}" if lo is not None else ""))
+    if "multiple" in m and value % m["multiple"]:
+        raise ConfigError(f.name, value, f"a multiple of {m['multiple']}")
+
+
+def parse_optimizer_args(text: str) -> dict[str, Any]:
+    """Parse kohya-style ``key=value`` pairs separated by spaces (or commas between pairs).
+
+    ``betas=0.9,0.999`` becomes a tuple, ``True``/``False``/``None`` become Python values,
+    numbers become numbers, anything else stays a string.
+    """
+    result: dict[str, Any] = {}
+    for part in text.split():
+        if "=" not in part:
+            raise ConfigError("optimizer_args", text, f"space-separated key=value pairs; '{part}' has no '='")
+        key, raw = part.split("=", 1)
+        if not key.isidentifier():
+            raise ConfigError("optimizer_args", text, f"key=value pairs with a Python name as key; got '{key}'")
+        values = [_parse_scalar(v) for v in raw.split(",")] if "," in raw else None
+        result[key] = tuple(values) if values is not None else _parse_scalar(raw)
+    return result
+
+
+def _parse_scalar(raw: str) -> Any:
+    low = raw.lower()
+    if low == "true":
+        return True
+    if low == "false":
+        return False
+    if low == "none":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)
+    except ValueError:
+        return raw.strip("\"'")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

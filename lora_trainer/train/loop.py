@@ -1,0 +1,299 @@
+"""The training loop. It sees a ModelBundle, never a host or a pipeline, and reports through events."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..dataset import DatasetScan, parse_color, process_caption, scan_dataset
+from ..dataset.steps import describe_steps, total_steps
+from ..errors import ConfigError, LoraTrainerError
+from ..model.bundle import ModelBundle
+from ..network import SAVE_DTYPES, LoRANetwork, save_lora_file
+from .cache import build_latent_cache, encode_batch
+from .events import (
+    CachingProgress,
+    EpochEnd,
+    EventBus,
+    FileSaved,
+    StepEvent,
+    StopControl,
+    TrainingFinished,
+    TrainingStarted,
+)
+from .metadata import RunInfo, build_metadata
+from .noise import add_noise, min_snr_weight, sample_noise, sample_timesteps, target_for
+from .optim import build_optimizer, current_lrs
+from .runtime import Runtime
+from .schedulers import build_scheduler
+
+MAX_GRAD_NORM = 1.0
+LOSS_WINDOW = 25
+
+
+class NonFiniteLoss(LoraTrainerError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    files: list[Path] = field(default_factory=list)
+    steps: int = 0
+    epochs_done: int = 0
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    network: LoRANetwork | None = None
+    first_step_at: float = 0.0
+    """``time.time()`` when the first optimizer step finished (benchmarks)."""
+
+
+def epoch_file_name(output_name: str, epoch: int | None) -> str:
+    """``name-000003.safetensors`` for an epoch file, ``name.safetensors`` for the final one."""
+    return f"{output_name}.safetensors" if epoch is None else f"{output_name}-{epoch:06d}.safetensors"
+
+
+def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    pattern_files = [output_dir / epoch_file_name(output_name, None)]
+    pattern_files += sorted(output_dir.glob(f"{output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return [p for p in pattern_files if p.exists()]
+
+
+def plan(cfg: TrainConfig, scan: DatasetScan, world_size: int = 1) -> tuple[int, int, int]:
+    """(total optimizer steps, epochs, steps per epoch) for this dataset and process count."""
+    per_process = math.ceil(scan.num_samples / world_size)
+    total, epochs = total_steps(
+        per_process, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps
+    )
+    spe = math.ceil(math.ceil(per_process / cfg.train_batch_size) / cfg.gradient_accumulation_steps)
+    return total, epochs, spe
+
+
+def train(
+    cfg: TrainConfig,
+    bundle: ModelBundle,
+    events: EventBus | None = None,
+    stop: StopControl | None = None,
+    runtime: Runtime | None = None,
+    scan: DatasetScan | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train one LoRA on ``bundle`` and write its files to ``cfg.output_dir``.
+
+    The model is left as it was: hooks removed, base weights untouched, grad flags restored."""
+    events = events or EventBus()
+    stop = stop or StopControl()
+    cfg.validate()
+    runtime = runtime or Runtime(bundle.device, cfg.mixed_precision)
+    if scan is None:
+        scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning)
+    output_dir = Path(cfg.output_dir)
+    clash = existing_outputs(output_dir, cfg.output_name)
+    if clash and not overwrite:
+        raise ConfigError(
+            "output_name",
+            cfg.output_name,
+            f"a name not used yet in {output_dir}: {clash[0].name} exists (hosts cache LoRAs by name, so files are never "
+            "overwritten). Choose another output_name, or delete the old files",
+        )
+    total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size)
+    summary = describe_steps(scan, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps)
+    if runtime.world_size > 1:
+        summary += f"\n{runtime.world_size} processes: each trains {steps_per_epoch} steps per epoch on its share"
+    events.emit(TrainingStarted(total, epochs, steps_per_epoch, scan.num_images, summary))
+
+    entries = [e for s in scan.subsets for e in s.images]
+    repeats = [s.repeats for s in scan.subsets for _ in s.images]
+    background = parse_color(cfg.alpha_background)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * runtime.rank)
+    torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
+
+    targets = bundle.unet_targets(cfg.network_type == "LoCon")
+    if cfg.train_text_encoder:
+        targets += bundle.text_encoder_targets()
+    network = LoRANetwork.create(
+        targets,
+        cfg.network_dim,
+        cfg.network_alpha,
+        cfg.conv_dim if cfg.network_type == "LoCon" else None,
+        cfg.conv_alpha,
+    )
+    network.to(bundle.device, torch.float32)
+    params = [p for p in network.parameters()]
+    grad_flags = [(p, p.requires_grad) for root in bundle.trainable_roots for p in root.parameters()]
+    result = TrainResult()
+    started = time.time()
+    run = RunInfo(
+        session_id=str(uuid.uuid4().int % 2**31) if not _deterministic_ids() else str(cfg.seed),
+        started_at=started,
+        num_images=scan.num_images,
+        num_samples=scan.num_samples,
+        epochs=epochs,
+        total_steps=total,
+        dataset_dirs=scan.dataset_dirs(),
+        tag_frequency=scan.tag_frequency(),
+        world_size=runtime.world_size,
+    )
+
+    def save(epoch: int, step: int, final: bool) -> None:
+        if not runtime.is_main:
+            return
+        name = cfg.output_name if final else f"{cfg.output_name}-{epoch:06d}"
+        path = output_dir / epoch_file_name(cfg.output_name, None if final else epoch)
+        meta = build_metadata(cfg, bundle, run, output_name=name, epoch=epoch, step=step)
+        if _deterministic_ids():
+            meta["ss_training_started_at"] = meta["ss_training_finished_at"] = "0"
+            meta["modelspec.date"] = "1970-01-01T00:00:00"
+        save_lora_file(path, network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]), meta)
+        result.files.append(path)
+        events.emit(FileSaved(str(path), epoch, step, final))
+
+    try:
+        for root in bundle.trainable_roots:
+            root.requires_grad_(False)
+        network.attach()
+        bundle.set_attention(cfg.attention)
+        bundle.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+
+        latents: list[torch.Tensor] | None = None
+        if cfg.cache_latents:
+            events.info(f"caching latents of {len(entries)} images" + (" (on disk)" if cfg.cache_latents_to_disk else ""))
+            latents = build_latent_cache(
+                bundle.encode_images,
+                [e.path for e in entries],
+                cfg.resolution,
+                background,
+                bundle.vae_id,
+                cfg.cache_latents_to_disk,
+                progress=lambda d, t: events.emit(CachingProgress(d, t)),
+            )
+
+        optimizer = build_optimizer(
+            cfg.optimizer,
+            network.param_groups(cfg.effective_unet_lr, cfg.effective_text_encoder_lr),
+            cfg.optimizer_args,
+            cfg.learning_rate,
+        )
+        scheduler = build_scheduler(
+            cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
+        )
+        samples = [i for i, r in enumerate(repeats) for _ in range(r)]
+        caption_rng = random.Random(cfg.seed * 1_000_003 + runtime.rank)
+        caption_random = cfg.shuffle_caption or cfg.caption_dropout_rate > 0 or cfg.caption_tag_dropout_rate > 0
+        recent: deque[float] = deque(maxlen=LOSS_WINDOW)
+        step = 0
+        loop_start = time.time()
+        for epoch in range(1, epochs + 1):
+            order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            order = [samples[i] for i in torch.randperm(len(samples), generator=order_gen).tolist()]
+            mine = list(runtime.shard(order))
+            batches = [mine[i : i + cfg.train_batch_size] for i in range(0, len(mine), cfg.train_batch_size)]
+            epoch_losses: list[float] = []
+            accum_losses: list[float] = []
+            optimizer.zero_grad(set_to_none=True)
+            for b_idx, batch in enumerate(batches):
+                if stop.requested:
+                    break
+                if latents is not None:
+                    x0 = torch.stack([latents[i] for i in batch]).to(bundle.device)
+                else:
+                    x0 = encode_batch(bundle.encode_images, [entries[i].path for i in batch], cfg.resolution, background).to(
+                        bundle.device
+                    )
+                captions = [
+                    process_caption(
+                        entries[i].caption,
+                        caption_rng,
+                        cfg.shuffle_caption,
+                        cfg.keep_tokens,
+                        cfg.caption_tag_dropout_rate,
+                        cfg.caption_dropout_rate,
+                    )
+                    if caption_random
+                    else entries[i].caption
+                    for i in batch
+                ]
+                noise = sample_noise(x0.shape, gen, cfg.noise_offset).to(bundle.device)
+                t = sample_timesteps(x0.shape[0], len(bundle.alphas_cumprod), gen).to(bundle.device)
+                x0 = x0.float()
+                x_t = add_noise(x0, noise, t, bundle.alphas_cumprod)
+                target = target_for(bundle.prediction_type, x0, noise, t, bundle.alphas_cumprod)
+                with runtime.autocast():
+                    with torch.set_grad_enabled(cfg.train_text_encoder):
+                        cond = bundle.encode_text(captions)
+                    pred = bundle.predict(x_t.to(bundle.dtype), t, cond)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if cfg.min_snr_gamma:
+                    loss = loss * min_snr_weight(t, bundle.alphas_cumprod, cfg.min_snr_gamma, bundle.prediction_type)
+                loss = loss.mean()
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"The loss became {loss.item()} at epoch {epoch}, step {step + 1}. Lower the learning rate, "
+                        "use bf16 instead of fp16, or check the dataset for broken images."
+                    )
+                runtime.backward(loss / cfg.gradient_accumulation_steps)
+                accum_losses.append(loss.item())
+                last_in_epoch = b_idx == len(batches) - 1
+                if (b_idx + 1) % cfg.gradient_accumulation_steps and not last_in_epoch:
+                    continue
+                runtime.step(optimizer, params, MAX_GRAD_NORM)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss = sum(accum_losses) / len(accum_losses)
+                accum_losses.clear()
+                recent.append(step_loss)
+                epoch_losses.append(step_loss)
+                result.losses.append(step_loss)
+                now = time.time()
+                if step == 1:
+                    result.first_step_at = now
+                done_since = now - loop_start
+                eta = done_since / step * (total - step)
+                lrs = dict(zip([g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)], current_lrs(optimizer)))
+                events.emit(StepEvent(step, total, epoch, step_loss, sum(recent) / len(recent), lrs, now - started, eta))
+                if step >= total:
+                    break
+            if stop.requested:
+                result.stopped = True
+                if stop.save and step > 0:
+                    save(epoch, step, final=True)
+                break
+            result.epochs_done = epoch
+            mean = sum(epoch_losses) / max(len(epoch_losses), 1)
+            events.emit(EpochEnd(epoch, mean, step))
+            is_last = epoch == epochs or step >= total
+            if is_last:
+                save(epoch, step, final=True)
+                break
+            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+                save(epoch, step, final=False)
+        result.steps = step
+        runtime.barrier()
+    finally:
+        network.detach()
+        bundle.enable_gradient_checkpointing(False)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    result.seconds = time.time() - started
+    events.emit(TrainingFinished([str(p) for p in result.files], result.stopped, result.steps, result.seconds))
+    result.network = network
+    return result
+
+
+def _deterministic_ids() -> bool:
+    """LORA_TRAINER_DETERMINISTIC=1 fixes the time stamps and session id (byte-identical files)."""
+    import os
+
+    return os.environ.get("LORA_TRAINER_DETERMINISTIC", "") == "1"
