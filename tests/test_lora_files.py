@@ -197,3 +197,28 @@ def test_same_seed_same_file(tiny_sd, tiny_config, tmp_path, monkeypatch):
     cfg3 = TrainConfig(**{**tiny_config.to_dict(), "output_dir": str(tmp_path / "third"), "seed": 2})
     r3 = train(cfg3, make_sd_bundle(copy.deepcopy(a)))
     assert r3.files[-1].read_bytes() != r1.files[-1].read_bytes()
+
+
+def test_canonical_writer_is_read_by_safetensors():
+    from safetensors.torch import load as st_load
+
+    from lora_trainer.network.save import safetensors_bytes, serialize_lora
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.lora_up.weight": torch.randn(3, 2, generator=g).to(torch.bfloat16),
+        "a.lora_down.weight": torch.randn(2, 5, 3, 3, generator=g).half(),
+        "a.alpha": torch.tensor(4.0),
+        "c.x": torch.randn(7, generator=g),
+    }
+    data = serialize_lora(tensors, {"ss_epoch": "1", "modelspec.title": "x"})
+    back = st_load(data)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    # the header carries the metadata and the hashes, and the bytes are canonical
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    assert header["__metadata__"]["ss_epoch"] == "1" and len(header["__metadata__"]["sshs_model_hash"]) == 64
+    assert serialize_lora(dict(reversed(list(tensors.items()))), {"modelspec.title": "x", "ss_epoch": "1"}) == data
+    assert safetensors_bytes(tensors) != safetensors_bytes({**tensors, "c.x": tensors["c.x"] + 1})

@@ -116,7 +116,7 @@ def _has_attention(block_type: str) -> bool:
 
 def _add(pairs: dict[str, str], ldm: str, diffusers: str) -> None:
     if ldm in pairs:
-        raise AssertionError(f"duplicate LDM module name {ldm}")  # pragma: no cover - internal bug
+        raise ValueError(f"conflicting config: LDM module {ldm!r} would be mapped twice")
     pairs[ldm] = diffusers
 
 
@@ -419,7 +419,9 @@ def vae_diffusers_to_ldm_names(config: Mapping[str, Any]) -> dict[str, str]:
     for level in range(n):
         out_ch = boc[level]
         for j in range(lpb):
-            _vae_resnet(pairs, f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", in_ch, out_ch)
+            _vae_resnet(
+                pairs, f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", in_ch, out_ch
+            )
             in_ch = out_ch
         if level != n - 1:
             _add(pairs, f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv")
@@ -545,9 +547,10 @@ def to_a1111_checkpoint(
     Inputs are diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / HF ``CLIPTextModel``
     state dicts plus the UNet and VAE config dicts.  Output keys are
     ``model.diffusion_model.*``, ``first_stage_model.*`` and
-    ``cond_stage_model.transformer.text_model.*``.  Tensors are not copied (make them
-    contiguous / detached as your writer requires; ``safetensors`` accepts the result of
-    ``module.state_dict()`` inputs as is).
+    ``cond_stage_model.transformer.text_model.*``.  Tensors are not copied (the VAE
+    attention weights become reshaped views); ``module.state_dict()`` inputs can be
+    written with ``safetensors.torch.save_file`` directly.  No EMA or noise-schedule
+    buffers are added (A1111 and diffusers do not need them).
     """
     unet_ldm = convert_unet_state_dict(unet_sd, unet_diffusers_to_ldm_names(unet_config))
     vae_ldm = vae_diffusers_to_ldm_state_dict(vae_sd, vae_config)

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -32,18 +31,54 @@ def addnet_hash_legacy(data: bytes) -> str:
     return hashlib.sha256(b.read(0x10000)).hexdigest()[:8]
 
 
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file with a canonical header (sorted keys, tensors in name order).
+
+    The ``safetensors`` package writes its metadata in hash-map order, so two saves of the same
+    LoRA differ in their header; this writer makes the same weights and metadata give the same
+    bytes (the same seed gives the same file)."""
+    header: dict[str, object] = {}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
 def serialize_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """Bytes of the safetensors file, with ``sshs_model_hash`` / ``sshs_legacy_hash`` computed
-    as kohya does: over the file written with only the ``ss_*`` metadata."""
+    as kohya does: over the file written with only the ``ss_*`` metadata (the hash covers the
+    tensor bytes after the header, which the metadata does not change)."""
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    probe = st_save(tensors, ss_only)
+    probe = safetensors_bytes(tensors, ss_only)
     meta = dict(metadata)
     meta["sshs_model_hash"] = addnet_hash_safetensors(probe)
     meta["sshs_legacy_hash"] = addnet_hash_legacy(probe)
-    return st_save(tensors, meta)
+    return safetensors_bytes(tensors, meta)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
