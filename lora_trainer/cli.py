@@ -225,8 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_noise() -> None:
+    """Warnings from third-party imports that say nothing to a user of this tool."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_noise()
     try:
         return args.func(args)
     except LoraTrainerError as e:
