@@ -41,3 +41,13 @@ class StandaloneHost:
 
     def refresh_loras(self) -> None:
         pass
+
+    def run(self, cfg: TrainConfig, events, stop) -> None:
+        """One training run on this host (what a background job calls)."""
+        from ..train.loop import train
+
+        runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
+        events.info(f"loading {cfg.pretrained_model}" if self._parts is None else "using the loaded model")
+        bundle = self.model_bundle(cfg, runtime)
+        train(cfg, bundle, events, stop, runtime=runtime)
+        self.refresh_loras()
