@@ -233,7 +233,7 @@ class TrainingJob:
             elif isinstance(ev, Message):
                 self._messages.append(("warning: " if ev.level == "warning" else "") + ev.text)
             elif isinstance(ev, TrainingFinished):
-                s = replace(s, state=STOPPED if ev.stopped else DONE, eta=0.0)
+                s = replace(s, state=STOPPED if ev.stopped else DONE, eta=0.0, elapsed=ev.seconds)
                 self._messages.append(("stopped" if ev.stopped else "finished") + f" after {ev.steps} steps in {ev.seconds:.0f} s")
             self._status = replace(s, messages=tuple(self._messages))
 

@@ -11,20 +11,33 @@ from ..model.sd import DiffusersSD, make_sd_bundle
 from ..train.runtime import Runtime
 
 
+BUILTIN_TINY = "builtin:tiny-sd15"
+
+
 class StandaloneHost:
     name = "standalone"
 
     def __init__(self, parts: DiffusersSD | None = None):
-        """``parts`` short-circuits loading (tests, the demo); otherwise ``cfg.pretrained_model`` is loaded."""
+        """``parts`` short-circuits loading (tests, the demo); otherwise ``cfg.pretrained_model`` is loaded
+        (and kept for the next run with the same model)."""
         self._parts = parts
+        self._loaded_key: tuple[str, str] | None = None if parts is None else ("", "")
 
     def load_parts(self, cfg: TrainConfig) -> DiffusersSD:
-        if self._parts is None:
-            if not cfg.pretrained_model:
-                raise ConfigError("pretrained_model", "", "a .safetensors checkpoint or a diffusers folder")
+        key = (cfg.pretrained_model, cfg.model_config_dir)
+        if self._parts is not None and (self._loaded_key == ("", "") or self._loaded_key == key):
+            return self._parts
+        if not cfg.pretrained_model:
+            raise ConfigError("pretrained_model", "", f"a .safetensors checkpoint, a diffusers folder, or {BUILTIN_TINY}")
+        if cfg.pretrained_model == BUILTIN_TINY:
+            from ..model.tiny import build_tiny_sd
+
+            self._parts = build_tiny_sd(seed=0)
+        else:
             from ..model.loading import load_sd
 
             self._parts = load_sd(cfg.pretrained_model, cfg.model_config_dir or None)
+        self._loaded_key = key
         return self._parts
 
     def model_bundle(self, cfg: TrainConfig, runtime: Runtime) -> ModelBundle:
@@ -47,7 +60,27 @@ class StandaloneHost:
         from ..train.loop import train
 
         runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
-        events.info(f"loading {cfg.pretrained_model}" if self._parts is None else "using the loaded model")
+        events.info(f"base model: {cfg.pretrained_model or 'the loaded model'}")
         bundle = self.model_bundle(cfg, runtime)
         train(cfg, bundle, events, stop, runtime=runtime)
         self.refresh_loras()
+
+
+def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None):
+    """The tab's backend over a standalone host and one background job."""
+    from ..job import TrainingJob
+    from ..ui.tab import TabBackend
+
+    host = host or StandaloneHost()
+    job = TrainingJob(host.run)
+    base = defaults or TrainConfig()
+    return TabBackend(
+        host_name="standalone",
+        start=job.start,
+        stop=job.stop,
+        status=job.status,
+        defaults=lambda: TrainConfig(**base.to_dict()),
+        notes="Standalone: the base model is loaded from pretrained_model "
+        f"({BUILTIN_TINY} is a tiny built-in model for trying the tab). Files go to output_dir.",
+        extra={"job": job, "host": host},
+    )

@@ -1,0 +1,1 @@
+"""The Gradio training tab (no training logic; see ``tab.py``)."""

@@ -1,0 +1,57 @@
+"""The training tab under the installed gradio (CI runs this under 3.41.2 and 4.40.0)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.hosts.standalone import StandaloneHost, standalone_backend  # noqa: E402
+from lora_trainer.ui.tab import build_tab, config_from_values, form_fields  # noqa: E402
+
+
+def _values(tab, cfg: TrainConfig):
+    return [getattr(cfg, c.elem_id.removeprefix("lora_trainer_")) for c in tab.lora_trainer_inputs]
+
+
+def test_tab_builds_from_config_fields(tiny_sd, tiny_config):
+    backend = standalone_backend(StandaloneHost(tiny_sd), tiny_config)
+    tab = build_tab(backend)
+    ids = [c.elem_id for c in tab.lora_trainer_inputs]
+    assert ids == [f"lora_trainer_{f.name}" for f in form_fields(backend)]
+    # choices come from the config, so the form cannot offer a value validation refuses
+    opt = next(c for c in tab.lora_trainer_inputs if c.elem_id == "lora_trainer_optimizer")
+    choices = [c[0] if isinstance(c, (tuple, list)) else c for c in opt.choices]
+    assert "AdamW8bit" in choices and "Prodigy" in choices
+    assert config_from_values(backend, _values(tab, tiny_config)) == tiny_config
+
+
+def test_tab_trains_and_shows_progress_and_files(tiny_sd, tiny_config):
+    backend = standalone_backend(StandaloneHost(tiny_sd), tiny_config)
+    tab = build_tab(backend)
+    h = tab.lora_trainer_handlers
+    assert "started" in h["start"](*_values(tab, tiny_config))
+    status_html, _fig, files_html, _log = h["refresh"]()
+    assert "lora_trainer_status_box" in status_html
+    backend.extra["job"].wait(120)
+    status_html, fig, files_html, log = h["refresh"]()
+    assert 'data-state="done"' in status_html and "16 / 16" in status_html
+    assert "&lt;lora:t-000001:1&gt;" in files_html and "&lt;lora:t:1&gt;" in files_html
+    assert "loraTrainerSendToTxt2img" in files_html
+    assert fig is not None and "epoch 2 done" in log
+
+
+def test_tab_shows_config_errors_without_starting(tiny_sd, tiny_config):
+    backend = standalone_backend(StandaloneHost(tiny_sd), tiny_config)
+    tab = build_tab(backend)
+    values = _values(tab, tiny_config)
+    i = [c.elem_id for c in tab.lora_trainer_inputs].index("lora_trainer_network_dim")
+    values[i] = 0
+    msg = tab.lora_trainer_handlers["start"](*values)
+    assert "network_dim" in msg and "lora_trainer_error" in msg
+    time.sleep(0.2)
+    assert backend.status().state == "idle"
+    assert "Nothing is running" in tab.lora_trainer_handlers["stop"]()
