@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,10 +112,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     runtime = Runtime.from_env(cfg.mixed_precision, args.device)
     bus = _events(args, cfg)
+    if runtime.world_size == 1 and "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        bus.warning(
+            "accelerate launch --cpu starts ONE process (whatever --num_processes says; several CPU processes need "
+            "mpirun): training in a single process. For N CPU processes use accelerate launch --multi_gpu "
+            "--num_processes N (without --cpu, with --device cpu) or torchrun --nproc_per_node N"
+        )
     if not runtime.is_main:
         bus = type(bus)()  # other processes train silently
+    from .dataset import scan_dataset
+
+    # the dataset first: a wrong folder must not wait for a multi-GB model load to be reported
+    scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=bus.warning)
     bundle = StandaloneHost().model_bundle(cfg, runtime)
-    train(cfg, bundle, bus, runtime=runtime, overwrite=args.overwrite)
+    train(cfg, bundle, bus, runtime=runtime, scan=scan, overwrite=args.overwrite)
     return 0
 
 
@@ -158,11 +169,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(args.file, "pt") as f:
-        meta = f.metadata() or {}
-        keys = list(f.keys())
+    if not Path(args.file).is_file():
+        raise LoraTrainerError(f"{args.file}: no such file. Give the path of a .safetensors LoRA file")
+    try:
+        with safe_open(args.file, "pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise LoraTrainerError(f"{args.file}: not a readable .safetensors file ({e})") from None
     modules = sorted({k.split(".")[0] for k in keys})
     print(f"{args.file}: {len(keys)} tensors, {len(modules)} modules")
     for prefix in ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"):
@@ -183,6 +199,30 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=1))
     else:
         print(cfg.to_toml(), end="")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .hosts.standalone import standalone_backend
+    from .ui.tab import build_tab
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        from .errors import MissingPackageError
+
+        raise MissingPackageError("gradio", "lora_trainer ui") from None
+    cfg = _make_config(args)
+    root = Path(__file__).resolve().parent.parent
+    css = (root / "style.css").read_text() if (root / "style.css").is_file() else None
+    backend = standalone_backend(defaults=cfg)
+    tab = build_tab(backend, css=css)
+    tab.queue().launch(server_name=args.host, server_port=args.port, inbrowser=False, prevent_thread_lock=True)
+    from .api import PREFIX, add_routes
+
+    add_routes(tab.app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir))
+    print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save")
+    tab.block_thread()
     return 0
 
 
@@ -217,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--full", action="store_true", help="do not shorten long values")
     i.set_defaults(func=cmd_inspect)
+
+    u = sub.add_parser("ui", help="serve the training tab on its own Gradio page (standalone host)")
+    common(u)
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=7861)
+    u.set_defaults(func=cmd_ui)
 
     c = sub.add_parser("config", help="print the default (or resulting) configuration as TOML")
     common(c)

@@ -192,7 +192,10 @@ class TrainConfig:
             if key not in data:
                 close = _closest(key, data)
                 raise ConfigError(key, value, "a known option" + (f" (did you mean {close}?)" if close else ""))
-            data[key] = value.strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]  # a quoted TOML-style string: --set 'output_name="my lora"'
+            data[key] = value
         return TrainConfig.from_dict(data, source="--set")
 
     # derived values ---------------------------------------------------------
@@ -286,7 +289,19 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     numbers become numbers, anything else stays a string.
     """
     result: dict[str, Any] = {}
-    for part in text.split():
+    parts: list[str] = []
+    for word in text.split():
+        # "a=1,b=2" holds two pairs; "betas=0.9,0.999" one pair with a tuple value
+        pieces = word.split(",")
+        parts.append(pieces[0])
+        for piece in pieces[1:]:
+            if not piece:
+                continue  # "a=1, b=2": a comma before a space
+            if "=" in piece:
+                parts.append(piece)
+            else:
+                parts[-1] += "," + piece
+    for part in parts:
         if "=" not in part:
             raise ConfigError("optimizer_args", text, f"space-separated key=value pairs; '{part}' has no '='")
         key, raw = part.split("=", 1)

@@ -10,7 +10,6 @@ from ..model.bundle import ModelBundle
 from ..model.sd import DiffusersSD, make_sd_bundle
 from ..train.runtime import Runtime
 
-
 BUILTIN_TINY = "builtin:tiny-sd15"
 
 

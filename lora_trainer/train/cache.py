@@ -33,8 +33,12 @@ def cache_key(image: Path, resolution: int, background: tuple[int, int, int], va
 def encode_batch(
     encode: Callable, paths: list[Path], resolution: int, background: tuple[int, int, int]
 ) -> torch.Tensor:
-    pixels = torch.stack([image_to_tensor(load_image(p, resolution, background)) for p in paths])
-    return encode(pixels, None).float().cpu()
+    """Latents of ``paths``, encoded one image at a time: batched convolutions round differently from
+    single ones, and an image's latent must not depend on its batch neighbours (a cached run and an
+    uncached one, or two batch sizes, must give the same file)."""
+    return torch.cat(
+        [encode(image_to_tensor(load_image(p, resolution, background)).unsqueeze(0), None).float().cpu() for p in paths]
+    )
 
 
 def build_latent_cache(

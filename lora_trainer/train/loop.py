@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import math
 import random
 import time
@@ -66,7 +67,8 @@ def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
     if not output_dir.is_dir():
         return []
     pattern_files = [output_dir / epoch_file_name(output_name, None)]
-    pattern_files += sorted(output_dir.glob(f"{output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+    # escaped: output_name may contain '[' and ']', which glob would read as a character class
+    pattern_files += sorted(output_dir.glob(f"{glob.escape(output_name)}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
     return [p for p in pattern_files if p.exists()]
 
 
@@ -167,7 +169,9 @@ def train(
         bundle.enable_gradient_checkpointing(cfg.gradient_checkpointing)
 
         latents: list[torch.Tensor] | None = None
-        if cfg.cache_latents:
+        if cfg.cache_latents_to_disk and not cfg.cache_latents:
+            events.warning("cache_latents_to_disk is on, so latents are cached although cache_latents is off")
+        if cfg.cache_latents or cfg.cache_latents_to_disk:
             events.info(f"caching latents of {len(entries)} images" + (" (on disk)" if cfg.cache_latents_to_disk else ""))
             latents = build_latent_cache(
                 bundle.encode_images,
@@ -202,8 +206,10 @@ def train(
             epoch_losses: list[float] = []
             accum_losses: list[float] = []
             optimizer.zero_grad(set_to_none=True)
+            interrupted = False  # a stop that comes after the epoch's last step does not discard the epoch
             for b_idx, batch in enumerate(batches):
                 if stop.requested:
+                    interrupted = True
                     break
                 if latents is not None:
                     x0 = torch.stack([latents[i] for i in batch]).to(bundle.device)
@@ -265,10 +271,10 @@ def train(
                 events.emit(StepEvent(step, total, epoch, step_loss, sum(recent) / len(recent), lrs, now - started, eta))
                 if step >= total:
                     break
-            if stop.requested:
+            if interrupted:
                 result.stopped = True
                 if stop.save and step > 0:
-                    save(epoch, step, final=True)
+                    save(epoch if b_idx > 0 else epoch - 1, step, final=True)
                 break
             result.epochs_done = epoch
             mean = sum(epoch_losses) / max(len(epoch_losses), 1)

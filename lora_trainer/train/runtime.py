@@ -18,7 +18,8 @@ from ..errors import ConfigError
 
 
 class Runtime:
-    def __init__(self, device: torch.device, mixed_precision: str = "no", rank: int = 0, world_size: int = 1):
+    def __init__(self, device: torch.device | str, mixed_precision: str = "no", rank: int = 0, world_size: int = 1):
+        device = torch.device(device)
         self.device = device
         self.rank = rank
         self.world_size = world_size
@@ -43,6 +44,8 @@ class Runtime:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device != "cpu" and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
         dev = torch.device(device) if device else torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if world > 1 and dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local)  # --device cuda: one GPU per process, not all on GPU 0
         if world > 1:
             import torch.distributed as dist
 
@@ -100,5 +103,12 @@ class Runtime:
             dist.barrier()
 
     def shard(self, items: list) -> Iterator:
-        """This process's share of a list (every world_size-th item)."""
+        """This process's share of a list (every world_size-th item).
+
+        Every process gets the same number of items (ceil(len / world_size)): the list is padded
+        by wrapping around, as torch's DistributedSampler does. Otherwise a process with fewer
+        batches would skip a gradient all-reduce the others wait for, and the run would hang."""
+        if self.world_size > 1 and items:
+            pad = -len(items) % self.world_size
+            items = items + (items * (pad // len(items) + 1))[:pad]
         return iter(items[self.rank :: self.world_size])

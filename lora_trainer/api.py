@@ -1,0 +1,112 @@
+"""REST routes: drive training without the browser (start, status, stop, stop-and-save).
+
+Mounted by the WebUI hosts in ``on_app_started`` and by the standalone page. Plain
+``Request`` bodies (no pydantic models) so the same code runs on the FastAPI/pydantic pairs
+A1111 (0.94/1.x) and Forge (0.104/2.x) ship.
+"""
+
+# no ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations
+# (``request: Request``) at runtime, and ``Request`` is imported inside add_routes.
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import ConfigError, LoraTrainerError
+from .job import JobBusy, JobStatus
+
+PREFIX = "/lora_trainer/v1"
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """``user:pass,user2:pass2`` as the hosts' ``--api-auth`` takes it."""
+    creds: dict[str, str] = {}
+    for pair in (api_auth or "").split(","):
+        if ":" in pair:
+            user, pw = pair.strip().split(":", 1)
+            creds[user] = pw
+    return creds
+
+
+def check_output_inside(folder: Path, output_name: str) -> Path:
+    """The final file path, refusing any name that would place a file outside ``folder``."""
+    folder = folder.resolve()
+    target = (folder / f"{output_name}.safetensors").resolve()
+    if target.parent != folder:
+        raise ConfigError("output_name", output_name, f"a plain file name; files must stay inside {folder}")
+    return target
+
+
+def add_routes(
+    app: Any,
+    start: Callable[[TrainConfig], None],
+    stop: Callable[[bool], bool],
+    status: Callable[[], JobStatus],
+    defaults: Callable[[], TrainConfig],
+    lora_dir: Callable[[TrainConfig], Path],
+    credentials: dict[str, str] | None = None,
+    fixed_fields: dict[str, Any] | None = None,
+) -> None:
+    """Register the routes on a FastAPI ``app``. ``fixed_fields`` are set by the host and cannot be
+    overridden by a request (e.g. the output folder inside a WebUI)."""
+    from fastapi import Depends, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    dependencies = []
+    if credentials:
+        basic = HTTPBasic()
+
+        def auth(cred: HTTPBasicCredentials = Depends(basic)) -> None:  # noqa: B008 - FastAPI idiom
+            expected = credentials.get(cred.username)
+            if expected is None or not secrets.compare_digest(cred.password, expected):
+                raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+        dependencies = [Depends(auth)]
+
+    def error(code: int, e: Exception) -> JSONResponse:
+        body: dict[str, Any] = {"error": str(e)}
+        if isinstance(e, ConfigError):
+            body.update(field=e.field, value=str(e.value), allowed=e.allowed)
+        return JSONResponse(status_code=code, content=body)
+
+    async def train_route(request: Request):
+        try:
+            payload = await request.json()
+        except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller
+            payload = None
+        if not isinstance(payload, dict):
+            return JSONResponse(status_code=400, content={"error": "send the options as a JSON object"})
+        try:
+            data = {**defaults().to_dict(), **payload, **(fixed_fields or {})}
+            cfg = TrainConfig.from_dict(data, source="the request").validate()
+            check_output_inside(lora_dir(cfg), cfg.output_name)
+            start(cfg)
+        except JobBusy as e:
+            return error(409, e)
+        except ConfigError as e:
+            return error(422, e)
+        except LoraTrainerError as e:
+            return error(400, e)
+        return {"started": True, "output_name": cfg.output_name, "status": status().as_dict()}
+
+    async def status_route():
+        return status().as_dict()
+
+    async def stop_route(request: Request):
+        save = False
+        try:
+            body = await request.json()
+            save = bool(isinstance(body, dict) and body.get("save"))
+        except Exception:  # noqa: BLE001 - an empty body means a plain stop
+            pass
+        return {"stopping": stop(save), "save": save}
+
+    async def stop_save_route():
+        return {"stopping": stop(True), "save": True}
+
+    app.add_api_route(f"{PREFIX}/train", train_route, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/status", status_route, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/stop", stop_route, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/stop_and_save", stop_save_route, methods=["POST"], dependencies=dependencies)

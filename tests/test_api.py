@@ -1,0 +1,99 @@
+"""REST routes: start, status, stop, stop-and-save; credentials; files stay in the LoRA folder."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from lora_trainer.api import PREFIX, add_routes, parse_credentials  # noqa: E402
+from lora_trainer.hosts.standalone import StandaloneHost  # noqa: E402
+from lora_trainer.job import TrainingJob  # noqa: E402
+
+
+def _client(tiny_sd, tiny_config, credentials=None, fixed=None):
+    job = TrainingJob(StandaloneHost(tiny_sd).run)
+    app = fastapi.FastAPI()
+    add_routes(
+        app,
+        job.start,
+        job.stop,
+        job.status,
+        defaults=lambda: tiny_config,
+        lora_dir=lambda cfg: Path(cfg.output_dir),
+        credentials=credentials,
+        fixed_fields=fixed,
+    )
+    return TestClient(app), job
+
+
+def _wait(client, cond, timeout=120, auth=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        s = client.get(f"{PREFIX}/status", headers=auth or {}).json()
+        if cond(s):
+            return s
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_train_status_and_files(tiny_sd, tiny_config):
+    client, job = _client(tiny_sd, tiny_config)
+    r = client.post(f"{PREFIX}/train", json={"max_train_epochs": 2, "output_name": "api"})
+    assert r.status_code == 200 and r.json()["started"] is True
+    busy = client.post(f"{PREFIX}/train", json={})
+    assert busy.status_code == 409
+    s = _wait(client, lambda s: s["state"] == "done")
+    assert s["step"] == s["total_steps"] == 16
+    assert [f["tag"] for f in s["files"]] == ["<lora:api-000001:1>", "<lora:api:1>"]
+
+
+def test_bad_values_and_names_are_refused(tiny_sd, tiny_config):
+    client, job = _client(tiny_sd, tiny_config)
+    r = client.post(f"{PREFIX}/train", json={"network_dim": "many"})
+    assert r.status_code == 422 and r.json()["field"] == "network_dim"
+    for name in ("../outside", "/etc/x", "a/b", ".."):
+        r = client.post(f"{PREFIX}/train", json={"output_name": name})
+        assert r.status_code == 422, name
+        assert r.json()["field"] == "output_name"
+    assert client.post(f"{PREFIX}/train", json=[1, 2]).status_code == 400
+    assert job.status().state == "idle"
+
+
+def test_fixed_fields_cannot_be_overridden(tiny_sd, tiny_config, tmp_path):
+    fixed_dir = tmp_path / "webui" / "models" / "Lora"
+    client, job = _client(tiny_sd, tiny_config, fixed={"output_dir": str(fixed_dir)})
+    r = client.post(f"{PREFIX}/train", json={"output_dir": str(tmp_path / "elsewhere"), "max_train_epochs": 1})
+    assert r.status_code == 200
+    job.wait(120)
+    assert (fixed_dir / "t.safetensors").is_file()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_stop_and_save(tiny_sd, tiny_config):
+    client, job = _client(tiny_sd, tiny_config)
+    assert client.post(f"{PREFIX}/stop").json()["stopping"] is False
+    client.post(f"{PREFIX}/train", json={"max_train_epochs": 40, "output_name": "s"})
+    _wait(client, lambda s: s["step"] >= 2)
+    assert client.post(f"{PREFIX}/stop_and_save").json() == {"stopping": True, "save": True}
+    s = _wait(client, lambda s: s["state"] == "stopped")
+    assert any(f["final"] and f["tag"] == "<lora:s:1>" for f in s["files"])
+
+
+def test_credentials_as_the_host_api(tiny_sd, tiny_config):
+    creds = parse_credentials("alice:secret,bob:pw2")
+    assert creds == {"alice": "secret", "bob": "pw2"}
+    client, _ = _client(tiny_sd, tiny_config, credentials=creds)
+    assert client.get(f"{PREFIX}/status").status_code == 401
+    bad = {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()}
+    assert client.get(f"{PREFIX}/status", headers=bad).status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"bob:pw2").decode()}
+    r = client.get(f"{PREFIX}/status", headers=good)
+    assert r.status_code == 200 and r.json()["state"] == "idle"
+    assert client.post(f"{PREFIX}/train", json={}).status_code == 401

@@ -1,0 +1,255 @@
+"""The training configuration: TOML in and out, ``--set`` overrides, and validation errors that
+name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lora_trainer.config import TrainConfig, field_names, parse_optimizer_args
+from lora_trainer.errors import ConfigError
+
+
+def _non_defaults() -> TrainConfig:
+    """A config where every field differs from its default (so a field dropped on the way shows)."""
+    return TrainConfig(
+        pretrained_model='C:\\models\\sd "v1.5" ümlaut.safetensors',
+        model_config_dir="/configs/sd15",
+        prediction_type="v_prediction",
+        train_data_dir="/data/my set",
+        caption_extension=".caption",
+        resolution=768,
+        alpha_background="#102030",
+        shuffle_caption=True,
+        keep_tokens=2,
+        caption_dropout_rate=0.05,
+        caption_tag_dropout_rate=0.1,
+        network_type="LoCon",
+        network_dim=64,
+        network_alpha=0.5,
+        conv_dim=4,
+        conv_alpha=2.0,
+        train_text_encoder=False,
+        optimizer="Prodigy",
+        optimizer_args="decouple=True weight_decay=0.01 betas=0.9,0.999",
+        learning_rate=1.0,
+        unet_lr=3e-5,
+        text_encoder_lr=1e-06,
+        lr_scheduler="polynomial",
+        lr_scheduler_num_cycles=5,
+        lr_scheduler_power=2.5,
+        lr_warmup_steps=0.1,
+        train_batch_size=3,
+        max_train_epochs=7,
+        max_train_steps=123,
+        gradient_accumulation_steps=4,
+        gradient_checkpointing=True,
+        mixed_precision="bf16",
+        attention="xformers",
+        cache_latents=False,
+        cache_latents_to_disk=True,
+        seed=0,
+        noise_offset=0.0357,
+        min_snr_gamma=5.0,
+        clip_skip=2,
+        output_dir="out dir",
+        output_name="my lora (v2) [test]",
+        save_every_n_epochs=3,
+        save_precision="bf16",
+        logging_dir="logs",
+    )
+
+
+def test_every_field_differs_from_default_in_the_fixture():
+    cfg, default = _non_defaults().to_dict(), TrainConfig().to_dict()
+    same = [k for k in field_names() if cfg[k] == default[k]]
+    assert same == []  # keeps the round trip below meaningful when fields are added
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = _non_defaults().validate()
+    path = tmp_path / "c.toml"
+    cfg.save(path)
+    back = TrainConfig.load(path)
+    assert back == cfg
+    for name in field_names():  # same value and same type (1.0 must not come back as int 1)
+        assert type(getattr(back, name)) is type(getattr(cfg, name)), name
+    # the file is sectioned and commented
+    text = path.read_text(encoding="utf-8")
+    assert "[network]" in text and "[optimizer]" in text and "\n# " in text
+
+
+def test_default_toml_round_trip(tmp_path):
+    TrainConfig().save(tmp_path / "d.toml")
+    assert TrainConfig.load(tmp_path / "d.toml") == TrainConfig()
+
+
+def test_flat_and_sectioned_toml_load_the_same(tmp_path):
+    flat = tmp_path / "flat.toml"
+    flat.write_text(
+        'optimizer = "Lion"\nnetwork_dim = 16\nresolution = 640\ntrain_text_encoder = false\nunet_lr = 2e-4\n',
+        encoding="utf-8",
+    )
+    sectioned = tmp_path / "sec.toml"
+    sectioned.write_text(
+        '[optimizer]\noptimizer = "Lion"\nunet_lr = 2e-4\n\n[network]\nnetwork_dim = 16\ntrain_text_encoder = false\n'
+        "\n[dataset]\nresolution = 640\n",
+        encoding="utf-8",
+    )
+    a, b = TrainConfig.load(flat), TrainConfig.load(sectioned)
+    assert a == b
+    assert (a.optimizer, a.network_dim, a.resolution, a.train_text_encoder, a.unet_lr) == ("Lion", 16, 640, False, 2e-4)
+    # the rest keeps its defaults
+    assert a.network_alpha == TrainConfig().network_alpha
+
+
+def test_unknown_key_names_it_with_a_hint(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[network]\nnetwork_dimm = 16\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.load(path)
+    msg = str(e.value)
+    assert "network_dimm" in msg and "did you mean network_dim?" in msg
+    assert e.value.field == "network_dimm"
+
+
+def test_unknown_top_level_key_and_unknown_section():
+    with pytest.raises(ConfigError, match=r"learning_rat.*did you mean learning_rate\?"):
+        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="trainig"):
+        TrainConfig.from_dict({"trainig": {"seed": 1}})
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("network_dim = = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        TrainConfig.load(bad)
+    with pytest.raises(ConfigError, match="nope.toml"):
+        TrainConfig.load(tmp_path / "nope.toml")
+
+
+def test_set_overrides_convert_types():
+    cfg = TrainConfig().with_overrides(
+        [
+            "network_dim=64",
+            "unet_lr=1e-3",
+            "network_alpha=8",  # an int string for a float field
+            "train_text_encoder=false",
+            "gradient_checkpointing=yes",
+            "optimizer=Lion",
+            "output_name=my lora",
+            "optimizer_args=decouple=True weight_decay=0.01",  # '=' in the value
+            " seed = 7 ",
+        ]
+    )
+    assert cfg.network_dim == 64 and type(cfg.network_dim) is int
+    assert cfg.unet_lr == 1e-3 and type(cfg.unet_lr) is float
+    assert cfg.network_alpha == 8.0 and type(cfg.network_alpha) is float
+    assert cfg.train_text_encoder is False and cfg.gradient_checkpointing is True
+    assert cfg.optimizer == "Lion" and cfg.output_name == "my lora"
+    assert cfg.optimizer_args == "decouple=True weight_decay=0.01"
+    assert cfg.seed == 7
+    # the original is not modified
+    assert TrainConfig().network_dim == 32
+
+
+def test_set_quoted_string_like_toml():
+    cfg = TrainConfig().with_overrides(['output_name="my lora"', "alpha_background='#000000'"]).validate()
+    assert cfg.output_name == "my lora" and cfg.alpha_background == "#000000"
+
+
+@pytest.mark.parametrize(
+    "pair, field",
+    [("network_dim=abc", "network_dim"), ("unet_lr=fast", "unet_lr"), ("cache_latents=maybe", "cache_latents"),
+     ("network_dim=3.5", "network_dim"), ("seed=true", "seed")],
+)
+def test_set_non_convertible_value(pair, field):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig().with_overrides([pair])
+    assert e.value.field == field
+    value = pair.split("=", 1)[1]
+    assert f"'{field}'" in str(e.value) and value in str(e.value) and "type" in str(e.value)
+
+
+def test_set_unknown_key_and_missing_equals():
+    with pytest.raises(ConfigError, match=r"netwrk_dim.*did you mean network_dim\?"):
+        TrainConfig().with_overrides(["netwrk_dim=4"])
+    with pytest.raises(ConfigError, match="key=value"):
+        TrainConfig().with_overrides(["network_dim"])
+
+
+# field, value, words the "allowed" part must contain
+INVALID = [
+    ("optimizer", "adamw", ["AdamW", "Prodigy"]),
+    ("lr_scheduler", "cosine_restarts", ["cosine_with_restarts"]),
+    ("mixed_precision", "fp32", ["no", "bf16"]),
+    ("network_type", "LoHa", ["Standard", "LoCon"]),
+    ("network_dim", 0, [">= 1"]),
+    ("network_dim", 2048, ["<= 1024"]),
+    ("resolution", 32, [">= 64"]),
+    ("resolution", 500, ["multiple of 8"]),
+    ("caption_dropout_rate", 1.5, ["<= 1"]),
+    ("learning_rate", -1e-4, [">= 0"]),
+    ("noise_offset", float("nan"), ["finite"]),
+    ("output_name", "sub/lora", ["no folder separators"]),
+    ("output_name", "..", ["no folder separators"]),
+    ("output_name", "../lora", ["no folder separators"]),
+    ("output_name", "", ["letters, digits"]),
+    ("caption_extension", "txt", ["starting with a dot"]),
+    ("caption_extension", ".", ["starting with a dot"]),
+    ("alpha_background", "white", ["#rrggbb"]),
+    ("alpha_background", "#fff", ["#rrggbb"]),
+    ("optimizer_args", "decouple", ["decouple", "no '='"]),
+    ("optimizer_args", "weight decay=0.1", ["weight", "no '='"]),
+    ("optimizer_args", "1x=2", ["1x", "Python name"]),
+]
+
+
+@pytest.mark.parametrize("field, value, allowed", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_values_name_field_value_and_allowed(field, value, allowed):
+    cfg = dataclasses.replace(TrainConfig(), **{field: value})
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    assert e.value.field == field
+    assert msg.startswith(f"Invalid value for '{field}': {value!r}. Allowed: ")
+    for word in allowed:
+        assert word in msg, (word, msg)
+
+
+def test_valid_edge_values_pass():
+    ok = dataclasses.replace(
+        TrainConfig(),
+        resolution=64,
+        network_dim=1024,
+        caption_dropout_rate=1.0,
+        output_name="a..b (1) [x]",
+        caption_extension=".TXT",
+        alpha_background="#AbCdEf",
+        noise_offset=0.0,
+    )
+    assert ok.validate() is ok
+
+
+def test_invalid_values_from_toml_and_set_are_caught_too(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[dataset]\nresolution = 500\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        TrainConfig.load(p).validate()
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        TrainConfig().with_overrides(["optimizer=SGD"]).validate()
+
+
+def test_parse_optimizer_args():
+    args = parse_optimizer_args("decouple=True weight_decay=0.01 betas=0.9,0.999")
+    assert args == {"decouple": True, "weight_decay": 0.01, "betas": (0.9, 0.999)}
+    assert type(args["decouple"]) is bool and type(args["betas"]) is tuple
+    more = parse_optimizer_args("use_bias_correction=False d0=1e-6 safeguard_warmup=None eps=1 mode=fast")
+    assert more == {"use_bias_correction": False, "d0": 1e-6, "safeguard_warmup": None, "eps": 1, "mode": "fast"}
+    assert type(more["eps"]) is int
+    assert parse_optimizer_args("") == {}
+    # pairs separated by commas (as the docstring promises), and "a=1, b=2"
+    assert parse_optimizer_args("decouple=True,weight_decay=0.01,betas=0.9,0.999") == args
+    assert parse_optimizer_args("decouple=True, weight_decay=0.01, betas=0.9,0.999") == args

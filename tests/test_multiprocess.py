@@ -1,0 +1,290 @@
+"""Training in several processes: the Runtime, gradient averaging, and a real two-process CPU launch.
+
+Notes on launching several CPU processes with accelerate (1.x): ``accelerate launch --cpu
+--num_processes 2`` starts ONE process (its "simple launcher"; several CPU processes need
+``--mpirun_hostfile`` and an MPI install) and sets neither RANK nor WORLD_SIZE. What starts N
+local processes with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set is
+``--multi_gpu`` (it runs ``torch.distributed.run``), which works on a machine without GPUs;
+``--device cpu`` keeps the trainer on the CPU (gloo) where GPUs exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.train.runtime import Runtime
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT = 240  # seconds; a hang (e.g. ranks disagreeing on the number of all-reduces) fails, not blocks
+SPAWN_TIMEOUT = 180
+
+
+# ---------------------------------------------------------------- single process, no launcher
+
+
+def test_from_env_without_launcher_is_single_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
+    rt = Runtime.from_env("no", "cpu")
+    assert (rt.rank, rt.world_size, rt.is_main) == (0, 1, True)
+    assert rt.device == torch.device("cpu")
+    assert rt.weight_dtype == torch.float32
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    assert list(rt.shard([3, 1, 2])) == [3, 1, 2]
+    # one process: averaging gradients is a no-op (and needs no process group)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    rt.all_reduce_grads([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError):
+        Runtime("cpu", "fp16")
+    with pytest.raises(ConfigError):
+        Runtime(torch.device("cpu"), "fp16")
+    assert Runtime("cpu", "bf16").weight_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (3, 2), (1, 3), (10, 4)])
+def test_shard_gives_every_process_the_same_count(n, world):
+    """Unequal shares would make one process skip an all-reduce the others wait for (a hang)."""
+    items = list(range(n))
+    shares = [list(Runtime("cpu", rank=r, world_size=world).shard(items)) for r in range(world)]
+    assert {len(s) for s in shares} == {math.ceil(n / world)}
+    assert set().union(*shares) == set(items)
+
+
+# ---------------------------------------------------------------- spawned gloo process groups
+
+
+def _init_group(store: str, rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _all_reduce_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init_group(store, rank, world)
+    try:
+        rt = Runtime(torch.device("cpu"), "no", rank, world)
+        a = torch.nn.Parameter(torch.zeros(2, 3))
+        b = torch.nn.Parameter(torch.zeros(4))
+        c = torch.nn.Parameter(torch.zeros(5))  # no gradient (e.g. frozen this step): must be left alone
+        a.grad = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+        b.grad = torch.full((4,), 10.0 * rank)
+        rt.all_reduce_grads([a, b, c])
+        torch.save({"a": a.grad, "b": b.grad, "c": c.grad}, out)
+        rt.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_worker(rank: int, world: int, store: str, out: str, data: str, lora_dir: str, tok: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    _init_group(store, rank, world)  # from_env joins an existing group instead of creating one
+    try:
+        from lora_trainer.config import TrainConfig
+        from lora_trainer.hosts.standalone import StandaloneHost
+        from lora_trainer.model.tiny import build_tiny_sd
+        from lora_trainer.train.loop import train
+
+        rt = Runtime.from_env("no", "cpu")
+        assert (rt.rank, rt.world_size) == (rank, world)
+        cfg = TrainConfig(
+            train_data_dir=data,
+            output_dir=lora_dir,
+            output_name="spawned",
+            resolution=64,
+            network_dim=4,
+            network_alpha=2.0,
+            max_train_epochs=2,
+            save_every_n_epochs=0,
+            unet_lr=1e-3,
+            text_encoder_lr=1e-3,
+            lr_scheduler="constant",
+            seed=3,
+        )
+        bundle = StandaloneHost(build_tiny_sd(seed=0, tokenizer_dir=f"{tok}{rank}")).model_bundle(cfg, rt)
+        result = train(cfg, bundle, runtime=rt)
+        torch.save(
+            {
+                "state": result.network.kohya_state_dict(),
+                "files": [str(p) for p in result.files],
+                "steps": result.steps,
+                "losses": result.losses,
+            },
+            out,
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(fn, world: int, args_for_rank, timeout: float) -> None:
+    """Start ``world`` spawned processes, wait at most ``timeout`` s; kill them all on a hang."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=(r, world, *args_for_rank(r)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+    assert not hung, f"{len(hung)} of {world} processes still running after {timeout} s (collective hang?)"
+    assert [p.exitcode for p in procs] == [0] * world, f"exit codes {[p.exitcode for p in procs]}"
+
+
+@pytest.mark.multiprocess
+def test_all_reduce_grads_averages_across_two_gloo_processes(tmp_path):
+    store = tmp_path / "store"
+    _spawn(_all_reduce_worker, 2, lambda r: (str(store), str(tmp_path / f"grads{r}.pt")), SPAWN_TIMEOUT)
+    results = [torch.load(tmp_path / f"grads{r}.pt") for r in range(2)]
+    base = torch.arange(6.0).reshape(2, 3)
+    for res in results:
+        assert torch.equal(res["a"], base * 1.5)  # mean of 1x and 2x
+        assert torch.equal(res["b"], torch.full((4,), 5.0))  # mean of 0 and 10
+        assert res["c"] is None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_train_identical_loras(tmp_path):
+    """Same init, averaged gradients, same optimizer: every rank ends with the same LoRA, and only rank 0 saves.
+
+    3 samples on 2 processes: the shares are padded to 2 samples each (2 steps per epoch); with
+    unequal shares rank 1 would skip an all-reduce and the run would hang."""
+    from lora_trainer.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", images=3, size=64, repeats=1)
+    lora_dir = tmp_path / "Lora"
+    _spawn(
+        _train_worker,
+        2,
+        lambda r: (
+            str(tmp_path / "store"),
+            str(tmp_path / f"rank{r}.pt"),
+            str(data),
+            str(lora_dir),
+            str(tmp_path / "tok"),
+        ),
+        SPAWN_TIMEOUT,
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["steps"] == r1["steps"] == 4  # ceil(3 / 2) = 2 steps per epoch x 2 epochs
+    assert r0["files"] == [str(lora_dir / "spawned.safetensors")]
+    assert r1["files"] == []
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["spawned.safetensors"]
+    assert r0["losses"] != r1["losses"]  # each rank saw its own samples / noise...
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:  # ...yet the weights agree bit for bit
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert any(k.endswith("lora_up.weight") and r0["state"][k].abs().max() > 0 for k in r0["state"])  # it trained
+
+
+# ---------------------------------------------------------------- the real command line under accelerate launch
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> dict[str, Path]:
+    from lora_trainer.demo import make_demo_dataset
+    from lora_trainer.model.tiny import build_tiny_sd, save_diffusers_folder
+
+    root = tmp_path_factory.mktemp("mp")
+    model = save_diffusers_folder(build_tiny_sd(seed=0, tokenizer_dir=root / "tok"), root / "tiny-sd15")
+    data = make_demo_dataset(root / "data", images=4, size=64, repeats=2)
+    return {"root": root, "model": model, "data": data}
+
+
+def _train_args(saved_model: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "train",
+        "--model", str(saved_model["model"]),
+        "--data", str(saved_model["data"]),
+        "--output", str(out),
+        "--name", "mp",
+        "--set", "resolution=64",
+        "--set", "network_dim=4",
+        "--set", "max_train_epochs=1",
+        "--device", "cpu",
+        "--quiet",
+    ]  # fmt: skip
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(saved_model):
+    pytest.importorskip("accelerate")
+    from safetensors import safe_open
+
+    out = saved_model["root"] / "out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "lora_trainer", *_train_args(saved_model, out),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"accelerate launch did not finish in {LAUNCH_TIMEOUT} s:\n{e.stdout}\n{e.stderr}")
+    log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+
+    # each process trains its half: 4 images x 2 repeats = 8 samples -> 4 steps of batch 1 per process
+    assert "2 processes: each trains 4 steps per epoch" in proc.stdout, log
+    # only rank 0 reports (the other processes train silently) and only rank 0 saves
+    assert proc.stdout.count("finished after 4 steps") == 1, log
+    assert proc.stdout.count("saved ") == 1, log
+    assert sorted(p.name for p in out.iterdir()) == ["mp.safetensors"], log
+
+    with safe_open(str(out / "mp.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert any(k.startswith("lora_unet_") for k in tensors)
+    assert any(k.startswith("lora_te_") for k in tensors)
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    assert any(k.endswith("lora_up.weight") and t.abs().max() > 0 for k, t in tensors.items())  # it trained
+    assert meta["ss_total_batch_size"] == "2"  # batch 1 x accumulation 1 x 2 processes
+    assert meta["ss_batch_size_per_device"] == "1"
+    assert meta["ss_max_train_steps"] == "4"  # ceil(8 / 2)
+    assert meta["ss_steps"] == "4"
+    assert meta["ss_num_train_images"] == "8"
+
+
+def test_cpu_launch_that_starts_one_process_warns(saved_model, monkeypatch, capsys):
+    """``accelerate launch --cpu --num_processes 2`` runs one process with MASTER_ADDR set but no
+    WORLD_SIZE: the trainer says so instead of silently training alone."""
+    from lora_trainer.cli import main
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    out = saved_model["root"] / "out_single"
+    assert main(_train_args(saved_model, out)) == 0
+    text = capsys.readouterr().out
+    assert "WARNING: accelerate launch --cpu starts ONE process" in text
+    assert "finished after 8 steps" in text
