@@ -120,10 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if not runtime.is_main:
         bus = type(bus)()  # other processes train silently
-    from .dataset import scan_dataset
+    from .train.loop import preflight
 
-    # the dataset first: a wrong folder must not wait for a multi-GB model load to be reported
-    scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=bus.warning)
+    # dataset and output names first: a wrong folder must not wait for a multi-GB model load
+    scan = preflight(cfg, bus, overwrite=args.overwrite)
     bundle = StandaloneHost().model_bundle(cfg, runtime)
     train(cfg, bundle, bus, runtime=runtime, scan=scan, overwrite=args.overwrite)
     return 0

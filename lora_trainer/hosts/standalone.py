@@ -56,12 +56,13 @@ class StandaloneHost:
 
     def run(self, cfg: TrainConfig, events, stop) -> None:
         """One training run on this host (what a background job calls)."""
-        from ..train.loop import train
+        from ..train.loop import preflight, train
 
+        scan = preflight(cfg, events)  # before loading: bad input is reported at once
         runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
         events.info(f"base model: {cfg.pretrained_model or 'the loaded model'}")
         bundle = self.model_bundle(cfg, runtime)
-        train(cfg, bundle, events, stop, runtime=runtime)
+        train(cfg, bundle, events, stop, runtime=runtime, scan=scan)
         self.refresh_loras()
 
 

@@ -82,6 +82,23 @@ def plan(cfg: TrainConfig, scan: DatasetScan, world_size: int = 1) -> tuple[int,
     return total, epochs, spe
 
 
+def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool = False) -> DatasetScan:
+    """Everything that can be checked before a model is loaded: the config, the dataset, and that
+    no existing LoRA file would be overwritten. Returns the dataset scan for :func:`train`."""
+    cfg.validate()
+    scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning if events else None)
+    output_dir = Path(cfg.output_dir)
+    clash = existing_outputs(output_dir, cfg.output_name)
+    if clash and not overwrite:
+        raise ConfigError(
+            "output_name",
+            cfg.output_name,
+            f"a name not used yet in {output_dir}: {clash[0].name} exists (hosts cache LoRAs by name, so files are never "
+            "overwritten). Choose another output_name, or delete the old files",
+        )
+    return scan
+
+
 def train(
     cfg: TrainConfig,
     bundle: ModelBundle,
@@ -96,19 +113,10 @@ def train(
     The model is left as it was: hooks removed, base weights untouched, grad flags restored."""
     events = events or EventBus()
     stop = stop or StopControl()
-    cfg.validate()
     runtime = runtime or Runtime(bundle.device, cfg.mixed_precision)
     if scan is None:
-        scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning)
+        scan = preflight(cfg, events, overwrite)
     output_dir = Path(cfg.output_dir)
-    clash = existing_outputs(output_dir, cfg.output_name)
-    if clash and not overwrite:
-        raise ConfigError(
-            "output_name",
-            cfg.output_name,
-            f"a name not used yet in {output_dir}: {clash[0].name} exists (hosts cache LoRAs by name, so files are never "
-            "overwritten). Choose another output_name, or delete the old files",
-        )
     total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size)
     summary = describe_steps(scan, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps)
     if runtime.world_size > 1:
