@@ -17,6 +17,7 @@ from lora_trainer.model.sd import alphas_cumprod_from_config, make_sd_bundle
 from lora_trainer.model.tiny import SD_SCHEDULER
 from lora_trainer.train.cache import CACHE_SUFFIX, encode_batch
 from lora_trainer.train.events import (
+    CachingProgress,
     EventBus,
     FileSaved,
     Message,
@@ -571,3 +572,27 @@ def test_gradient_checkpointing_same_losses_and_really_on(tiny_sd, tiny_config, 
     a, b = load_file(off.files[-1]), load_file(on.files[-1])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_stop_while_caching_latents_ends_without_files(tiny_sd, tiny_config):
+    from lora_trainer.train.events import EventBus, StopControl
+
+    stop = StopControl()
+    seen = []
+
+    def listener(ev):
+        seen.append(type(ev).__name__)
+        if isinstance(ev, CachingProgress) and ev.done > 0:
+            stop.stop()
+
+    result = train(tiny_config, make_sd_bundle(tiny_sd), EventBus(listener), stop)
+    assert result.stopped and result.steps == 0 and result.files == []
+    assert "StepEvent" not in seen and _no_hooks(tiny_sd)
+
+
+def test_metadata_counts_batches_per_epoch(tiny_sd, tiny_config):
+    tiny_config.train_batch_size = 3  # 8 samples -> 3 batches per epoch
+    tiny_config.max_train_epochs = 1
+    result = train(tiny_config, make_sd_bundle(tiny_sd))
+    with safe_open(result.files[-1], "pt") as f:
+        assert f.metadata()["ss_num_batches_per_epoch"] == "3"

@@ -117,14 +117,18 @@ def make_sd_bundle(
         return find_targets(te, "lora_te", TEXT_CONTAINERS)
 
     def enable_gradient_checkpointing(on: bool) -> None:
+        # transformers checkpoints only in training mode; CLIP has no dropout, so train() changes
+        # nothing else in its output
         if on:
             unet.enable_gradient_checkpointing()
             if hasattr(te, "gradient_checkpointing_enable"):
-                te.gradient_checkpointing_enable()
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                te.train()
         else:
             unet.disable_gradient_checkpointing()
             if hasattr(te, "gradient_checkpointing_disable"):
                 te.gradient_checkpointing_disable()
+                te.eval()
 
     def set_attention(kind: str) -> None:
         if kind == "xformers":

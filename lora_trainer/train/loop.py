@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..dataset import DatasetScan, parse_color, process_caption, scan_dataset
 from ..dataset.steps import describe_steps, total_steps
-from ..errors import ConfigError, LoraTrainerError
+from ..errors import ConfigError, LoraTrainerError, TrainingStopped
 from ..model.bundle import ModelBundle
 from ..network import SAVE_DTYPES, LoRANetwork, save_lora_file
 from .cache import build_latent_cache, encode_batch
@@ -154,6 +154,8 @@ def train(
         dataset_dirs=scan.dataset_dirs(),
         tag_frequency=scan.tag_frequency(),
         world_size=runtime.world_size,
+        batches_per_epoch=math.ceil(math.ceil(scan.num_samples / runtime.world_size) / cfg.train_batch_size),
+        cache_latents=cfg.cache_latents or cfg.cache_latents_to_disk,
     )
 
     def save(epoch: int, step: int, final: bool) -> None:
@@ -174,7 +176,13 @@ def train(
             root.requires_grad_(False)
         network.attach()
         bundle.set_attention(cfg.attention)
-        bundle.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+        if cfg.gradient_checkpointing:
+            bundle.enable_gradient_checkpointing(True)
+
+        def caching_progress(done: int, total_images: int) -> None:
+            events.emit(CachingProgress(done, total_images))
+            if stop.requested:
+                raise TrainingStopped("stopped while caching latents")
 
         latents: list[torch.Tensor] | None = None
         if cfg.cache_latents_to_disk and not cfg.cache_latents:
@@ -188,7 +196,7 @@ def train(
                 background,
                 bundle.vae_id,
                 cfg.cache_latents_to_disk,
-                progress=lambda d, t: events.emit(CachingProgress(d, t)),
+                progress=caching_progress,
             )
 
         optimizer = build_optimizer(
@@ -295,11 +303,15 @@ def train(
                 save(epoch, step, final=False)
         result.steps = step
         runtime.barrier()
+    except TrainingStopped:
+        result.stopped = True
     finally:
         network.detach()
-        bundle.enable_gradient_checkpointing(False)
+        if cfg.gradient_checkpointing:
+            bundle.enable_gradient_checkpointing(False)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
+        bundle.release()
     result.seconds = time.time() - started
     events.emit(TrainingFinished([str(p) for p in result.files], result.stopped, result.steps, result.seconds))
     result.network = network

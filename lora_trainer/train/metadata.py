@@ -21,6 +21,8 @@ class RunInfo:
     dataset_dirs: dict
     tag_frequency: dict
     world_size: int = 1
+    batches_per_epoch: int = 0
+    cache_latents: bool = True
 
 
 def build_metadata(
@@ -51,7 +53,7 @@ def build_metadata(
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_num_train_images": str(run.num_samples),
         "ss_num_reg_images": "0",
-        "ss_num_batches_per_epoch": str(run.total_steps // max(run.epochs, 1)),
+        "ss_num_batches_per_epoch": str(run.batches_per_epoch),
         "ss_num_epochs": str(run.epochs),
         "ss_max_train_steps": str(run.total_steps),
         "ss_batch_size_per_device": str(cfg.train_batch_size),
@@ -74,7 +76,7 @@ def build_metadata(
         "ss_keep_tokens": str(cfg.keep_tokens),
         "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(cfg.caption_tag_dropout_rate),
-        "ss_cache_latents": str(cfg.cache_latents),
+        "ss_cache_latents": str(run.cache_latents),
         "ss_enable_bucket": "False",
         "ss_max_token_length": "None",
         "ss_prior_loss_weight": "1.0",
