@@ -84,3 +84,45 @@ def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig
         f"({BUILTIN_TINY} is a tiny built-in model for trying the tab). Files go to output_dir.",
         extra={"job": job, "host": host},
     )
+
+
+class StandaloneGenerator:
+    """``generate(cell)`` for the grid: the standalone sampler with the cell's LoRA file applied
+    at the cell's weight (weight 0: the base model untouched, the same image in every column)."""
+
+    def __init__(self, parts: DiffusersSD):
+        from ..world.sample import Sampler
+
+        self.parts = parts
+        self.sampler = Sampler.from_parts(parts)
+        self._networks: dict[str, object] = {}
+
+    def _network(self, path: str):
+        if path not in self._networks:
+            from ..network.load import network_from_file
+            from ..network.targets import TEXT_CONTAINERS, UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
+
+            targets = find_targets(self.parts.unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS)
+            targets += find_targets(self.parts.text_encoder, "lora_te", TEXT_CONTAINERS)
+            net, unmatched = network_from_file(path, targets)
+            if unmatched:
+                from ..errors import ModelLoadError
+
+                raise ModelLoadError(
+                    f"{path}: {len(unmatched)} LoRA modules match nothing in this model (e.g. {unmatched[0]}); "
+                    "it was trained for another model type"
+                )
+            self._networks[path] = net
+        return self._networks[path]
+
+    def __call__(self, cell):
+        from PIL import Image
+
+        from ..world.sample import lora_weight
+
+        self.sampler.resolution = cell.width
+        net = self._network(cell.column.path) if cell.weight else None
+        with lora_weight(net, cell.weight):
+            img = self.sampler.images([cell.prompt], seed=cell.seed, steps=cell.steps, guidance=cell.cfg_scale,
+                                      negative=cell.negative_prompt)[0]
+        return Image.fromarray(img)

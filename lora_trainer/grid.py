@@ -1,0 +1,264 @@
+"""The epochs x weights grid: which cells, one fixed seed, the labels, the PNG.
+
+The grid never samples by itself: it asks a ``generate(cell) -> PIL.Image`` function, which is
+the host's own txt2img (``<lora:file:weight>`` in the prompt) inside a WebUI, or the standalone
+sampler. Labels are drawn with plain Pillow calls that exist in Pillow 9.5 (A1111) and 10+.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+DEFAULT_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
+_EPOCH_RE = re.compile(r"-(\d{6})$")
+
+
+@dataclass(frozen=True)
+class Column:
+    path: str
+    label: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    column: Column
+    weight: float
+    seed: int
+    prompt: str
+    negative_prompt: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    sampler_name: str
+
+    @property
+    def lora_name(self) -> str:
+        return Path(self.column.path).stem
+
+    def tag(self) -> str:
+        return f"<lora:{self.lora_name}:{self.weight:g}>"
+
+    def prompt_with_lora(self) -> str:
+        """The prompt a user would type: the LoRA tag appended (weight 0 included, so the host's
+        code path is the same for every row)."""
+        return f"{self.prompt}, {self.tag()}" if self.prompt else self.tag()
+
+
+@dataclass
+class GridSpec:
+    files: list[str]
+    weights: list[float] = field(default_factory=lambda: list(DEFAULT_WEIGHTS))
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+
+    def columns(self) -> list[Column]:
+        cols = [column_for(Path(p)) for p in self.files]
+        return sorted(cols, key=lambda c: c.epoch)
+
+    def cells(self) -> list[Cell]:
+        """Row-major: for each seed, for each weight, every column."""
+        out = []
+        for seed in self.seeds:
+            for w in self.weights:
+                for col in self.columns():
+                    out.append(
+                        Cell(col, float(w), int(seed), self.prompt, self.negative_prompt, self.steps, self.cfg_scale,
+                             self.width, self.height, self.sampler_name)
+                    )
+        return out
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a file without readable metadata still gets a label from its name
+        return {}
+
+
+def column_for(path: Path) -> Column:
+    """'epoch 3' from the metadata (``ss_epoch``) or the ``-000003`` suffix of the name."""
+    meta = read_metadata(path) if path.exists() else {}
+    epoch = None
+    if meta.get("ss_epoch", "").isdigit():
+        epoch = int(meta["ss_epoch"])
+    m = _EPOCH_RE.search(path.stem)
+    if epoch is None and m:
+        epoch = int(m.group(1))
+    if epoch is None:
+        return Column(str(path), path.stem, 10**6)
+    return Column(str(path), f"epoch {epoch}", epoch)
+
+
+def default_prompt(files: list[str], trigger: str = "", top: int = 5) -> str:
+    """Trigger word first, then the most frequent dataset tags (from ``ss_tag_frequency``)."""
+    counts: Counter[str] = Counter()
+    for p in files:
+        meta = read_metadata(Path(p))
+        try:
+            freq = json.loads(meta.get("ss_tag_frequency", "{}"))
+        except json.JSONDecodeError:
+            continue
+        for tags in freq.values():
+            counts.update({str(k).strip(): int(v) for k, v in tags.items() if str(k).strip()})
+        break  # every epoch file of a run has the same tags
+    tags = [t for t, _ in counts.most_common(top + 1) if t != trigger][:top]
+    return ", ".join([trigger, *tags] if trigger else tags)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    for name in ("DejaVuSans.ttf", "Arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    if hasattr(draw, "textbbox"):  # Pillow >= 8
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        return x1 - x0, y1 - y0
+    return draw.textsize(text, font=font)  # pragma: no cover - very old Pillow
+
+
+def label_geometry(cell_w: int, cell_h: int) -> tuple[int, int, int]:
+    """(top margin, left margin, font size) for a cell size."""
+    font_size = max(10, min(32, cell_h // 10))
+    return font_size * 2, font_size * 6, font_size
+
+
+def draw_grid(
+    images: list[list[Image.Image]], col_labels: list[str], row_labels: list[str], title: str = ""
+) -> Image.Image:
+    """Cells in rows (weights) x columns (epochs) with column labels on top and row labels left."""
+    rows, cols = len(images), len(images[0]) if images else 0
+    cw, ch = images[0][0].size
+    top, left, fs = label_geometry(cw, ch)
+    title_h = fs * 2 if title else 0
+    grid = Image.new("RGB", (left + cols * cw, title_h + top + rows * ch), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _font(fs)
+    if title:
+        tw, th = _text_size(draw, title, font)
+        draw.text(((grid.width - tw) // 2, (title_h - th) // 2), title, fill="black", font=font)
+    for c, text in enumerate(col_labels):
+        tw, th = _text_size(draw, text, font)
+        draw.text((left + c * cw + (cw - tw) // 2, title_h + (top - th) // 2), text, fill="black", font=font)
+    for r, text in enumerate(row_labels):
+        tw, th = _text_size(draw, text, font)
+        draw.text(((left - tw) // 2, title_h + top + r * ch + (ch - th) // 2), text, fill="black", font=font)
+    for r, row in enumerate(images):
+        for c, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((cw, ch)) if img.size != (cw, ch) else img.convert("RGB"),
+                       (left + c * cw, title_h + top + r * ch))
+    return grid
+
+
+@dataclass
+class GridResult:
+    image: Image.Image
+    cells: list[Cell]
+    images: list[Image.Image]
+    path: Path | None = None
+    stopped: bool = False
+
+
+def build_grid(
+    spec: GridSpec,
+    generate: Callable[[Cell], Image.Image],
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    out_path: str | Path | None = None,
+) -> GridResult:
+    """Generate every cell (reporting progress), lay them out and save the PNG with its parameters.
+
+    Several seeds become extra row blocks, labelled with the seed."""
+    cells = spec.cells()
+    if not cells:
+        raise ValueError("the grid needs at least one LoRA file, one weight and one seed")
+    images: list[Image.Image] = []
+    stopped = False
+    for i, cell in enumerate(cells):
+        if should_stop():
+            stopped = True
+            break
+        images.append(generate(cell))
+        if progress:
+            progress(i + 1, len(cells))
+    cols = spec.columns()
+    ncols = len(cols)
+    # a stopped grid still shows what was made, padded with blank cells
+    blank = Image.new("RGB", images[0].size if images else (spec.width, spec.height), (200, 200, 200))
+    padded = images + [blank] * (len(cells) - len(images))
+    rows = [padded[r * ncols : (r + 1) * ncols] for r in range(len(cells) // ncols)]
+    row_labels = []
+    for seed in spec.seeds:
+        for w in spec.weights:
+            row_labels.append(f"w {w:g}" + (f" / seed {seed}" if len(spec.seeds) > 1 else ""))
+    grid = draw_grid(rows, [c.label for c in cols], row_labels)
+    result = GridResult(grid, cells, images, stopped=stopped)
+    if out_path is not None:
+        result.path = save_grid(grid, out_path, spec)
+    return result
+
+
+def grid_parameters(spec: GridSpec) -> dict:
+    d = asdict(spec)
+    d["columns"] = [asdict(c) for c in spec.columns()]
+    return d
+
+
+def save_grid(image: Image.Image, path: str | Path, spec: GridSpec) -> Path:
+    """PNG with its parameters in the PNG text (``lora_trainer_grid`` as JSON, ``parameters`` as text)."""
+    from .network.save import atomic_write_bytes
+
+    info = PngInfo()
+    params = grid_parameters(spec)
+    info.add_text("lora_trainer_grid", json.dumps(params))
+    info.add_text(
+        "parameters",
+        f"{spec.prompt}\nNegative prompt: {spec.negative_prompt}\nSteps: {spec.steps}, Sampler: {spec.sampler_name}, "
+        f"CFG scale: {spec.cfg_scale:g}, Seed: {', '.join(map(str, spec.seeds))}, Size: {spec.width}x{spec.height}, "
+        f"LoRA weights: {', '.join(f'{w:g}' for w in spec.weights)}, "
+        f"Epochs: {', '.join(c.label for c in spec.columns())}",
+    )
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
+    """The cell under a click at (x, y) on the grid image (for 'click a cell to get its tag')."""
+    cw, ch = spec.width, spec.height
+    if result.images:
+        cw, ch = result.images[0].size
+    top, left, _ = label_geometry(cw, ch)
+    col, row = (x - left) // cw, (y - top) // ch
+    ncols = len(spec.columns())
+    if x < left or y < top or col >= ncols or row * ncols + col >= len(result.cells):
+        return None
+    return result.cells[row * ncols + col]

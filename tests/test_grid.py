@@ -1,0 +1,79 @@
+"""The epochs x weights grid on the standalone host with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.grid import GridSpec, build_grid, cell_at, column_for, default_prompt, label_geometry
+from lora_trainer.hosts.standalone import StandaloneGenerator
+from lora_trainer.model.sd import make_sd_bundle
+from lora_trainer.train.loop import train
+
+
+@pytest.fixture
+def three_epochs(tiny_sd, tiny_config):
+    tiny_config.max_train_epochs = 3
+    tiny_config.unet_lr = tiny_config.text_encoder_lr = 5e-3
+    result = train(tiny_config, make_sd_bundle(tiny_sd))
+    assert [p.name for p in result.files] == ["t-000001.safetensors", "t-000002.safetensors", "t.safetensors"]
+    return tiny_sd, [str(p) for p in result.files]
+
+
+def test_grid_cells_labels_and_png_text(three_epochs, tmp_path):
+    parts, files = three_epochs
+    spec = GridSpec(files=files, weights=[0, 0.5, 1.0], seeds=[7], prompt="ohwx, ring", steps=4,
+                    cfg_scale=3.0, width=64, height=64, sampler_name="DDIM")
+    assert [c.label for c in spec.columns()] == ["epoch 1", "epoch 2", "epoch 3"]
+    progress = []
+    result = build_grid(spec, StandaloneGenerator(parts), progress=lambda d, t: progress.append((d, t)),
+                        out_path=tmp_path / "grid.png")
+    assert progress[-1] == (9, 9)
+    imgs = [np.asarray(i) for i in result.images]
+    row0, row2 = imgs[0:3], imgs[6:9]
+    # weight 0 is the base model: the same image in every column, bit for bit
+    assert all(np.array_equal(row0[0], x) for x in row0[1:])
+    # different epochs at weight 1 differ, and weight 1 differs from weight 0
+    assert not np.array_equal(row2[0], row2[2])
+    assert not np.array_equal(row0[2], row2[2])
+
+    # layout: labels above and left, cells where they belong
+    top, left, _ = label_geometry(64, 64)
+    grid = result.image
+    assert grid.size == (left + 3 * 64, top + 3 * 64)
+    g = np.asarray(grid)
+    assert (g[:top, left:] < 128).any(), "column labels are drawn above the cells"
+    assert (g[top:, :left] < 128).any(), "row labels are drawn left of the cells"
+    for r in range(3):
+        for c in range(3):
+            cell = g[top + r * 64 : top + (r + 1) * 64, left + c * 64 : left + (c + 1) * 64]
+            assert np.array_equal(cell, imgs[r * 3 + c])
+    # clicking a cell gives its tag
+    hit = cell_at(result, spec, left + 64 + 5, top + 2 * 64 + 5)
+    assert hit.tag() == "<lora:t-000002:1>"
+    assert cell_at(result, spec, 2, 2) is None
+
+    # the PNG carries its parameters
+    with Image.open(result.path) as png:
+        params = json.loads(png.text["lora_trainer_grid"])
+        assert params["weights"] == [0, 0.5, 1.0] and params["seeds"] == [7]
+        assert [c["label"] for c in params["columns"]] == ["epoch 1", "epoch 2", "epoch 3"]
+        assert "Seed: 7" in png.text["parameters"]
+
+
+def test_default_prompt_from_trigger_and_tags(three_epochs):
+    _, files = three_epochs
+    prompt = default_prompt(files, trigger="ohwx")
+    assert prompt.startswith("ohwx, ") and "ring" in prompt
+    assert column_for(__import__("pathlib").Path(files[-1])).label == "epoch 3"
+
+
+def test_labels_work_with_the_installed_pillow():
+    from lora_trainer.grid import draw_grid
+
+    cells = [[Image.new("RGB", (32, 32), (255, 0, 0))] * 2]
+    out = draw_grid(cells, ["epoch 1", "epoch 2"], ["w 0.8"], title="t")
+    assert out.size[0] > 64 and out.size[1] > 32
