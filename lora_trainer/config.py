@@ -100,6 +100,14 @@ class TrainConfig:
     save_every_n_epochs: int = _f(1, "output", "Save a LoRA file every n epochs (0 = only the final one)", min=0)
     save_precision: str = _f("fp16", "output", "Precision of the saved LoRA", choices=SAVE_PRECISION)
     logging_dir: str = _f("", "output", "TensorBoard folder (empty = no logging)")
+    # grid (epochs x LoRA weights, built at the end of training)
+    grid_after_training: bool = _f(True, "grid", "Build the epochs x weights grid when training ends")
+    grid_weights: str = _f("0, 0.4, 0.6, 0.8, 1.0", "grid", "LoRA weights of the grid's rows, comma-separated")
+    grid_prompt: str = _f("", "grid", "Prompt of the grid (empty = trigger word and the most frequent tags)")
+    grid_negative_prompt: str = _f("", "grid", "Negative prompt of the grid")
+    grid_seed: int = _f(1234, "grid", "Seed of every grid cell (one fixed seed)", min=0)
+    grid_steps: int = _f(20, "grid", "Sampling steps per grid cell", min=1, max=150)
+    grid_cfg_scale: float = _f(7.0, "grid", "CFG scale of the grid", min=1.0, max=30.0)
 
     # ---------------------------------------------------------------- helpers
     def validate(self) -> TrainConfig:
@@ -118,6 +126,7 @@ class TrainConfig:
             raise ConfigError("alpha_background", self.alpha_background, "a colour as #rrggbb, e.g. #ffffff")
         if self.optimizer_args:
             parse_optimizer_args(self.optimizer_args)  # raises ConfigError with the offending part
+        self.grid_weight_list()  # raises ConfigError for a bad list
         if self.mixed_precision == "fp16" and self.save_precision == "bf16":
             pass  # allowed: kohya allows it too
         return self
@@ -199,6 +208,15 @@ class TrainConfig:
         return TrainConfig.from_dict(data, source="--set")
 
     # derived values ---------------------------------------------------------
+    def grid_weight_list(self) -> list[float]:
+        try:
+            weights = [float(w) for w in self.grid_weights.replace(";", ",").split(",") if w.strip()]
+        except ValueError:
+            weights = []
+        if not weights or any(not (-5.0 <= w <= 5.0) for w in weights):
+            raise ConfigError("grid_weights", self.grid_weights, "comma-separated numbers between -5 and 5, e.g. 0, 0.4, 0.6, 0.8, 1.0")
+        return weights
+
     @property
     def effective_unet_lr(self) -> float:
         return self.unet_lr or self.learning_rate

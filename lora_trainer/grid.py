@@ -262,3 +262,53 @@ def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
     if x < left or y < top or col >= ncols or row * ncols + col >= len(result.cells):
         return None
     return result.cells[row * ncols + col]
+
+
+def grid_after_training(cfg, files: list[str], generate: Callable[[Cell], Image.Image], events, stop, trigger: str = ""):
+    """The automatic grid at the end of a run: every saved epoch x ``cfg.grid_weights``, one seed.
+
+    Reports GridProgress / GridSaved events; ``stop`` ends it early (what was made is kept)."""
+    from .train.events import GridProgress, GridSaved
+
+    if not files:
+        return None
+    spec = GridSpec(
+        files=list(files),
+        weights=cfg.grid_weight_list(),
+        seeds=[cfg.grid_seed],
+        prompt=cfg.grid_prompt or default_prompt(files, trigger),
+        negative_prompt=cfg.grid_negative_prompt,
+        steps=cfg.grid_steps,
+        cfg_scale=cfg.grid_cfg_scale,
+        width=cfg.resolution,
+        height=cfg.resolution,
+        sampler_name="DDIM",
+    )
+    events.info(f"building the grid: {len(spec.columns())} epochs x {len(spec.weights)} weights, prompt '{spec.prompt}'")
+    out = Path(files[0]).parent / f"{cfg.output_name}_grid.png"
+    result = build_grid(
+        spec,
+        generate,
+        progress=lambda d, t: events.emit(GridProgress(d, t)),
+        should_stop=lambda: stop.requested,
+        out_path=out,
+    )
+    events.emit(GridSaved(str(result.path)))
+    return result
+
+
+def cell_tag_from_png(path: str | Path, x: int, y: int) -> str | None:
+    """The ``<lora:name:weight>`` tag of the cell at (x, y) of a saved grid PNG (its parameters
+    are in the PNG text), or None outside the cells."""
+    with Image.open(path) as im:
+        params = json.loads(im.text.get("lora_trainer_grid", "{}")) if hasattr(im, "text") else {}
+    if not params:
+        return None
+    cols, weights, seeds = params["columns"], params["weights"], params["seeds"]
+    cw, ch = params["width"], params["height"]
+    top, left, _ = label_geometry(cw, ch)
+    c, r = (x - left) // cw, (y - top) // ch
+    if x < left or y < top or c >= len(cols) or r >= len(weights) * len(seeds):
+        return None
+    w = weights[r % len(weights)]
+    return f"<lora:{Path(cols[c]['path']).stem}:{float(w):g}>"

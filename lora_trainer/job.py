@@ -23,6 +23,8 @@ from .train.events import (
     Event,
     EventBus,
     FileSaved,
+    GridProgress,
+    GridSaved,
     Message,
     StepEvent,
     StopControl,
@@ -30,16 +32,17 @@ from .train.events import (
     TrainingStarted,
 )
 
-IDLE, PREPARING, CACHING, TRAINING, DONE, STOPPED, FAILED = (
+IDLE, PREPARING, CACHING, TRAINING, GRID, DONE, STOPPED, FAILED = (
     "idle",
     "preparing",
     "caching latents",
     "training",
+    "building grid",
     "done",
     "stopped",
     "failed",
 )
-RUNNING_STATES = (PREPARING, CACHING, TRAINING)
+RUNNING_STATES = (PREPARING, CACHING, TRAINING, GRID)
 
 
 class JobBusy(LoraTrainerError):
@@ -82,6 +85,9 @@ class JobStatus:
     loss_history: tuple[tuple[int, float, float], ...] = ()
     """(step, loss, moving average) for the loss plot."""
     epoch_losses: tuple[tuple[int, float], ...] = ()
+    grid_done: int = 0
+    grid_total: int = 0
+    grid_path: str | None = None
 
     @property
     def running(self) -> bool:
@@ -109,6 +115,7 @@ class JobStatus:
             "files": [{"path": f.path, "epoch": f.epoch, "final": f.final, "tag": f.tag()} for f in self.files],
             "messages": list(self.messages),
             "error": self.error,
+            "grid": {"done": self.grid_done, "total": self.grid_total, "path": self.grid_path},
         }
 
 
@@ -187,7 +194,9 @@ class TrainingJob:
             self._fail(msg, traceback.format_exc())
         else:
             with self._lock:
-                if self._status.state not in (DONE, STOPPED):
+                if self._status.state == GRID:  # training had finished; a stop only cut the grid short
+                    self._status = replace(self._status, state=DONE)
+                elif self._status.state not in (DONE, STOPPED):
                     self._status = replace(self._status, state=STOPPED if stop.requested else DONE)
 
     def _fail(self, message: str, detail: str | None = None) -> None:
@@ -230,6 +239,11 @@ class TrainingJob:
                 f = SavedFile(ev.path, ev.epoch, ev.step, ev.final)
                 s = replace(s, files=s.files + (f,))
                 self._messages.append(f"saved {Path(ev.path).name}  {f.tag()}")
+            elif isinstance(ev, GridProgress):
+                s = replace(s, state=GRID, grid_done=ev.done, grid_total=ev.total)
+            elif isinstance(ev, GridSaved):
+                s = replace(s, grid_path=ev.path)
+                self._messages.append(f"grid saved: {ev.path}")
             elif isinstance(ev, Message):
                 self._messages.append(("warning: " if ev.level == "warning" else "") + ev.text)
             elif isinstance(ev, TrainingFinished):

@@ -47,4 +47,5 @@ def tiny_config(demo_data, tmp_path):
         text_encoder_lr=1e-3,
         lr_scheduler="constant",
         seed=1,
+        grid_after_training=False,  # the grid has its own tests
     )

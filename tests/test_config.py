@@ -58,6 +58,13 @@ def _non_defaults() -> TrainConfig:
         save_every_n_epochs=3,
         save_precision="bf16",
         logging_dir="logs",
+        grid_after_training=False,
+        grid_weights="0, 0.5, 1",
+        grid_prompt="ohwx woman, smiling",
+        grid_negative_prompt="blurry",
+        grid_seed=77,
+        grid_steps=12,
+        grid_cfg_scale=5.5,
     )
 
 

@@ -82,3 +82,27 @@ def test_failure_is_reported_not_raised(tiny_sd, tiny_config, tmp_path):
     s = job.wait(60)
     assert s.state == FAILED and "missing" in s.error
     assert any(m.startswith("error:") for m in s.messages)
+
+
+def test_grid_is_built_automatically_after_training(tiny_sd, tiny_config):
+    from PIL import Image
+
+    from lora_trainer.grid import cell_tag_from_png, label_geometry
+
+    cfg = tiny_config.with_overrides(["grid_after_training=true", "grid_weights=0, 1", "grid_steps=3"])
+    job = TrainingJob(StandaloneHost(tiny_sd).run)
+    grid_states = []
+    job.start(cfg)
+    while job.running:
+        st = job.status()
+        if st.state == "building grid":
+            grid_states.append((st.grid_done, st.grid_total))
+        time.sleep(0.01)
+    s = job.wait(120)
+    assert s.state == DONE and s.grid_path and s.grid_total == 4  # 2 epochs x 2 weights
+    assert Path(s.grid_path).parent == Path(cfg.output_dir)
+    with Image.open(s.grid_path) as im:
+        assert "lora_trainer_grid" in im.text
+    top, left, _ = label_geometry(64, 64)
+    assert cell_tag_from_png(s.grid_path, left + 64 + 3, top + 64 + 3) == "<lora:t:1>"
+    assert cell_tag_from_png(s.grid_path, left + 3, top + 3) == "<lora:t-000001:0>"

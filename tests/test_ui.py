@@ -34,10 +34,10 @@ def test_tab_trains_and_shows_progress_and_files(tiny_sd, tiny_config):
     tab = build_tab(backend)
     h = tab.lora_trainer_handlers
     assert "started" in h["start"](*_values(tab, tiny_config))
-    status_html, _fig, files_html, _log = h["refresh"]()
+    status_html, _fig, files_html, _log, _grid = h["refresh"]()
     assert "lora_trainer_status_box" in status_html
     backend.extra["job"].wait(120)
-    status_html, fig, files_html, log = h["refresh"]()
+    status_html, fig, files_html, log, _grid = h["refresh"]()
     assert 'data-state="done"' in status_html and "16 / 16" in status_html
     assert "&lt;lora:t-000001:1&gt;" in files_html and "&lt;lora:t:1&gt;" in files_html
     assert "loraTrainerSendToTxt2img" in files_html
@@ -55,3 +55,27 @@ def test_tab_shows_config_errors_without_starting(tiny_sd, tiny_config):
     time.sleep(0.2)
     assert backend.status().state == "idle"
     assert "Nothing is running" in tab.lora_trainer_handlers["stop"]()
+
+
+def test_tab_shows_the_grid_and_the_clicked_cell_tag(tiny_sd, tiny_config):
+    from lora_trainer.grid import label_geometry
+
+    cfg = tiny_config.with_overrides(["grid_after_training=true", "grid_weights=0, 0.8", "grid_steps=2"])
+    backend = standalone_backend(StandaloneHost(tiny_sd), cfg)
+    tab = build_tab(backend)
+    h = tab.lora_trainer_handlers
+    h["start"](*_values(tab, cfg))
+    s = backend.extra["job"].wait(120)
+    assert s.grid_path
+    *_, grid = h["refresh"]()
+    assert grid == s.grid_path
+
+    class Evt:  # what gradio passes to a select handler
+        index = None
+
+    top, left, _ = label_geometry(64, 64)
+    evt = Evt()
+    evt.index = [left + 64 + 1, top + 64 + 1]
+    assert h["grid_select"](evt) == "<lora:t:0.8>"
+    evt.index = [1, 1]
+    assert h["grid_select"](evt) == ""

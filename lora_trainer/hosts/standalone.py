@@ -62,8 +62,13 @@ class StandaloneHost:
         runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
         events.info(f"base model: {cfg.pretrained_model or 'the loaded model'}")
         bundle = self.model_bundle(cfg, runtime)
-        train(cfg, bundle, events, stop, runtime=runtime, scan=scan)
+        result = train(cfg, bundle, events, stop, runtime=runtime, scan=scan)
         self.refresh_loras()
+        if cfg.grid_after_training and result.files and not stop.requested:
+            from ..grid import grid_after_training
+
+            trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
+            grid_after_training(cfg, [str(p) for p in result.files], StandaloneGenerator(self._parts), events, stop, trigger)
 
 
 def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None):

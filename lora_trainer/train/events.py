@@ -61,6 +61,18 @@ class FileSaved(Event):
 
 
 @dataclass
+class GridProgress(Event):
+    done: int
+    total: int
+
+
+@dataclass
+class GridSaved(Event):
+    path: str
+    best_epoch: int | None = None
+
+
+@dataclass
 class TrainingFinished(Event):
     files: list[str] = field(default_factory=list)
     stopped: bool = False

@@ -4,7 +4,7 @@ No training logic here: the tab reads a :class:`TrainConfig` from its form, hand
 backend (the background job of the host it runs in) and shows the job's status snapshots.
 """
 
-from __future__ import annotations
+# no "from __future__ import annotations": gradio reads handler annotations (gr.SelectData) at runtime
 
 import dataclasses
 import html
@@ -23,6 +23,7 @@ SECTION_TITLES = {
     "optimizer": "Optimizer and learning rate",
     "training": "Training",
     "output": "Output",
+    "grid": "Grid of epochs x weights",
 }
 OPEN_SECTIONS = ("model", "dataset", "network")
 
@@ -66,7 +67,8 @@ def render_status(s: JobStatus) -> str:
     lr = ", ".join(f"{k} {v:.2e}" for k, v in s.lrs.items()) or "-"
     pct = f"{100 * s.progress:.0f}%"
     rows = [
-        ("state", s.state + (f" ({s.cache_done}/{s.cache_total})" if s.state == "caching latents" else "")),
+        ("state", s.state + (f" ({s.cache_done}/{s.cache_total})" if s.state == "caching latents" else "")
+         + (f" ({s.grid_done}/{s.grid_total} cells)" if s.state == "building grid" else "")),
         ("step", f"{s.step} / {s.total_steps}  ({pct})" if s.total_steps else "-"),
         ("epoch", f"{s.epoch} / {s.epochs}" if s.epochs else "-"),
         ("elapsed / ETA", f"{t(s.elapsed)} / {t(s.eta)}"),
@@ -166,6 +168,9 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
                 status_html = gr.HTML(render_status(backend.status()), elem_id="lora_trainer_progress")
                 plot = gr.Plot(label="loss", elem_id="lora_trainer_loss_plot")
                 files_html = gr.HTML(render_files(backend.status()), elem_id="lora_trainer_saved")
+                grid_img = gr.Image(label="epochs x weights (click a cell for its tag)", type="filepath",
+                                    interactive=False, elem_id="lora_trainer_grid")
+                grid_tag = gr.Textbox(label="tag of the clicked cell", interactive=False, elem_id="lora_trainer_grid_tag")
                 log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="lora_trainer_log")
 
         def on_start(*values):
@@ -182,20 +187,34 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
         def on_stop_save():
             return "<p>Stopping and saving the LoRA as it is now.</p>" if backend.stop(True) else "<p>Nothing is running.</p>"
 
-        last_plot: dict[str, Any] = {"n": -1}
+        last_plot: dict[str, Any] = {"n": -1, "grid": None}
 
         def refresh():
             s = backend.status()
             n = len(s.loss_history)
             fig = gr.update() if n == last_plot["n"] else loss_figure(s)
             last_plot["n"] = n
-            return render_status(s), fig, render_files(s), render_log(s)
+            grid = gr.update() if s.grid_path == last_plot["grid"] else s.grid_path
+            last_plot["grid"] = s.grid_path
+            return render_status(s), fig, render_files(s), render_log(s), grid
+
+        def on_grid_select(evt: gr.SelectData):
+            path = backend.status().grid_path
+            if not path or evt is None or evt.index is None:
+                return ""
+            from ..grid import cell_tag_from_png
+
+            x, y = evt.index[0], evt.index[1]
+            return cell_tag_from_png(path, int(x), int(y)) or ""
 
         start_btn.click(on_start, inputs=inputs, outputs=[message])
         stop_btn.click(on_stop, inputs=[], outputs=[message])
         save_btn.click(on_stop_save, inputs=[], outputs=[message])
-        tab.load(refresh, inputs=[], outputs=[status_html, plot, files_html, log], every=poll_seconds)
+        grid_img.select(on_grid_select, inputs=None, outputs=[grid_tag])
+        tab.load(refresh, inputs=[], outputs=[status_html, plot, files_html, log, grid_img], every=poll_seconds)
     # for tests: the form's components and the handlers gradio calls
     tab.lora_trainer_inputs = inputs
-    tab.lora_trainer_handlers = {"start": on_start, "stop": on_stop, "stop_save": on_stop_save, "refresh": refresh}
+    tab.lora_trainer_handlers = {
+        "start": on_start, "stop": on_stop, "stop_save": on_stop_save, "refresh": refresh, "grid_select": on_grid_select,
+    }
     return tab
