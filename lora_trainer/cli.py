@@ -205,6 +205,37 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .grid import GridSpec, build_grid, default_prompt
+    from .hosts.standalone import StandaloneGenerator, StandaloneHost
+
+    files = [str(Path(f)) for f in args.files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise LoraTrainerError(f"LoRA file not found: {missing[0]}")
+    cfg = _make_config(args)
+    weights = cfg.with_overrides([f"grid_weights={args.weights}"]).grid_weight_list() if args.weights else cfg.grid_weight_list()
+    spec = GridSpec(
+        files=files,
+        weights=weights,
+        seeds=args.seed or [cfg.grid_seed],
+        prompt=args.prompt if args.prompt is not None else (cfg.grid_prompt or default_prompt(files, args.trigger)),
+        negative_prompt=args.negative if args.negative is not None else cfg.grid_negative_prompt,
+        steps=args.steps or cfg.grid_steps,
+        cfg_scale=cfg.grid_cfg_scale,
+        width=args.size or cfg.resolution,
+        height=args.size or cfg.resolution,
+        sampler_name="DDIM",
+    )
+    generate = StandaloneGenerator(StandaloneHost().load_parts(cfg))
+    out = Path(args.out) if args.out else Path(files[0]).parent / f"{Path(files[0]).stem.split('-')[0]}_grid.png"
+    n = len(spec.cells())
+    print(f"{len(spec.columns())} epochs x {len(spec.weights)} weights x {len(spec.seeds)} seeds = {n} images; prompt: {spec.prompt}")
+    result = build_grid(spec, generate, progress=lambda d, t: print(f"\r{d}/{t}", end="", flush=True), out_path=out)
+    print(f"\ngrid saved: {result.path}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .hosts.standalone import standalone_backend
     from .ui.tab import build_tab
@@ -226,6 +257,100 @@ def cmd_ui(args: argparse.Namespace) -> int:
     add_routes(tab.app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir))
     print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save")
     tab.block_thread()
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``prepare report | crop | repeats | layout | tags | import-kohya | export-kohya | preset``."""
+    from .dataset import prepare as prep
+
+    what = args.prepare_command
+    if what == "report":
+        from .dataset.report import dataset_report
+
+        rep = dataset_report(args.folder, resolution=args.resolution, caption_extension=args.ext, faces=False if args.no_faces else None)
+        if args.json:
+            print(rep.to_json())
+        else:
+            for row in rep.rows():
+                if row[-1]:
+                    print(f"  {row[0]}: {row[-1]}")
+            print(rep.summary())
+    elif what == "crop":
+        from .dataset.faces import crop_images
+
+        rep = crop_images(
+            args.source, args.out, mode=args.mode, size=args.size, margin=args.margin, color=args.color,
+            caption_extension=args.ext, overwrite=args.overwrite,
+        )
+        print(rep.summary())
+    elif what in ("repeats", "layout"):
+        repeats = getattr(args, "repeats", None)
+        images = prep.list_images(args.images) if what == "layout" else None
+        if repeats is None:
+            if not args.steps:
+                raise LoraTrainerError("give --repeats, or --steps (target optimizer steps) to compute them")
+            n = len(images) if images is not None else args.count
+            if not n:
+                raise LoraTrainerError("give --count (number of images) to compute repeats")
+            repeats, _per_epoch, _total, formula = prep.repeats_for(args.steps, n, args.epochs, args.batch, args.accum)
+            print(formula)
+        if what == "layout":
+            res = prep.write_layout(
+                args.project, args.name, images, repeats, caption_extension=args.ext, convert_all=args.convert_all,
+                overwrite=args.overwrite,
+            )
+            print(res.summary())
+    elif what == "tags":
+        if args.trigger or args.remove or args.replace or args.dedupe:
+            res = prep.edit_captions(
+                args.folder, trigger=args.trigger, remove=args.remove or [],
+                replace=prep.parse_replacements("\n".join(args.replace or [])), dedupe=args.dedupe,
+                caption_extension=args.ext, create_missing=args.create_missing, dry_run=args.dry_run,
+            )
+            print(res.summary())
+            for p in res.changed + res.created:
+                print(f"  {p}")
+        if args.freq or not (args.trigger or args.remove or args.replace or args.dedupe):
+            for tag, count in prep.tag_frequencies(args.folder, args.ext)[: args.top]:
+                print(f"{count:6d}  {tag}")
+    elif what == "import-kohya":
+        from .kohya_ss import import_kohya_ss
+
+        cfg, unknown, notes = import_kohya_ss(args.file)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if unknown:
+            print(f"keys with no equivalent ({len(unknown)}): {', '.join(unknown)}", file=sys.stderr)
+        if args.out:
+            if Path(args.out).exists() and not args.overwrite:
+                raise LoraTrainerError(f"{args.out} exists already; pass --overwrite to replace it")
+            cfg.save(args.out)
+            print(f"written {args.out}")
+        else:
+            print(cfg.to_toml(), end="")
+    elif what == "export-kohya":
+        from .kohya_ss import export_kohya_ss
+
+        text = json.dumps(export_kohya_ss(_make_config(args)), indent=4, ensure_ascii=False)
+        if args.out:
+            if Path(args.out).exists() and not args.overwrite:
+                raise LoraTrainerError(f"{args.out} exists already; pass --overwrite to replace it")
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+            print(f"written {args.out}")
+        else:
+            print(text)
+    elif what == "preset":
+        from .presets import load_preset, presets_info, save_user_preset
+
+        if args.save:
+            path = save_user_preset(args.save, _make_config(args), args.user_dir or ".", overwrite=args.overwrite)
+            print(f"written {path}")
+        elif args.name:
+            print(load_preset(args.name, user_folder=args.user_dir).to_toml(), end="")
+        else:
+            for info in presets_info(args.user_dir):
+                print(f"{info.name}{'' if info.builtin else '  (user)'}\n    {info.description}")
     return 0
 
 
@@ -261,6 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--full", action="store_true", help="do not shorten long values")
     i.set_defaults(func=cmd_inspect)
 
+    g = sub.add_parser("grid", help="build an epochs x weights grid from saved LoRA files (standalone sampler)")
+    common(g)
+    g.add_argument("files", nargs="+", help="epoch files, e.g. models/Lora/alice-*.safetensors")
+    g.add_argument("--model", dest="model", help="base model (as train --model)")
+    g.add_argument("--weights", help="comma-separated LoRA weights (default: grid_weights)")
+    g.add_argument("--seed", type=int, action="append", help="seed (repeat for extra row blocks)")
+    g.add_argument("--prompt", help="prompt (default: trigger word + most frequent tags)")
+    g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--trigger", default="", help="trigger word put first in the default prompt")
+    g.add_argument("--steps", type=int, help="sampling steps (default: grid_steps)")
+    g.add_argument("--size", type=int, help="image size (default: resolution)")
+    g.add_argument("--out", help="PNG path (default: next to the first file)")
+    g.set_defaults(func=cmd_grid)
+
     u = sub.add_parser("ui", help="serve the training tab on its own Gradio page (standalone host)")
     common(u)
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -271,6 +410,66 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config)
+
+    pr = sub.add_parser("prepare", help="prepare a dataset: report, face crops, repeats, layout, tags, presets, kohya_ss configs")
+    ps = pr.add_subparsers(dest="prepare_command", required=True)
+    r = ps.add_parser("report", help="inspect a folder of images (nothing is changed)")
+    r.add_argument("folder")
+    r.add_argument("--resolution", type=int, default=512)
+    r.add_argument("--ext", default=".txt", help="caption extension (default .txt)")
+    r.add_argument("--no-faces", action="store_true", help="do not count faces")
+    r.add_argument("--json", action="store_true")
+    cr = ps.add_parser("crop", help="square crops around the largest face (or centre/pad) into another folder")
+    cr.add_argument("source", help="folder with the original images (only read)")
+    cr.add_argument("out", help="folder for the crops (PNG)")
+    cr.add_argument("--mode", choices=["face", "center", "pad"], default="face")
+    cr.add_argument("--size", type=int, default=512)
+    cr.add_argument("--margin", type=float, default=0.5, help="room around the face, in face sizes (0.3 head only, 1.5 head and shoulders)")
+    cr.add_argument("--color", default="#ffffff", help="padding colour for --mode pad")
+    cr.add_argument("--ext", default=".txt")
+    cr.add_argument("--overwrite", action="store_true")
+    rp = ps.add_parser("repeats", help="repeats for a target number of steps (batch size counted)")
+    rp.add_argument("--steps", type=int, required=True, help="target optimizer steps")
+    rp.add_argument("--count", type=int, required=True, help="number of images")
+    ly = ps.add_parser("layout", help="write project/img/<repeats>_<name>/, project/model/, project/log/")
+    for sp in (rp, ly):
+        sp.add_argument("--epochs", type=int, default=10)
+        sp.add_argument("--batch", type=int, default=1)
+        sp.add_argument("--accum", type=int, default=1)
+    ly.add_argument("project")
+    ly.add_argument("--name", required=True, help="subset name (the caption of images without a caption file)")
+    ly.add_argument("--images", required=True, help="folder with the images (copied; captions next to them too)")
+    ly.add_argument("--repeats", type=int)
+    ly.add_argument("--steps", type=int, help="target optimizer steps (instead of --repeats)")
+    ly.add_argument("--ext", default=".txt")
+    ly.add_argument("--convert-all", action="store_true", help="convert every image to PNG")
+    ly.add_argument("--overwrite", action="store_true")
+    tg = ps.add_parser("tags", help="edit the tags of every caption in a folder, or list tag frequencies")
+    tg.add_argument("folder")
+    tg.add_argument("--trigger", help="tag (trigger word) to put first in every caption")
+    tg.add_argument("--remove", action="append", metavar="TAG")
+    tg.add_argument("--replace", action="append", metavar="OLD=NEW")
+    tg.add_argument("--dedupe", action="store_true", help="remove repeated tags")
+    tg.add_argument("--create-missing", action="store_true", help="give images without a caption one with the trigger")
+    tg.add_argument("--dry-run", action="store_true")
+    tg.add_argument("--freq", action="store_true", help="list tag frequencies")
+    tg.add_argument("--top", type=int, default=50)
+    tg.add_argument("--ext", default=".txt")
+    ik = ps.add_parser("import-kohya", help="convert a kohya_ss LoRA JSON into a TOML config")
+    ik.add_argument("file")
+    ik.add_argument("--out", help="TOML file to write (default: print)")
+    ik.add_argument("--overwrite", action="store_true")
+    ek = ps.add_parser("export-kohya", help="write a config as a kohya_ss LoRA JSON")
+    common(ek)
+    ek.add_argument("--out", help="JSON file to write (default: print)")
+    ek.add_argument("--overwrite", action="store_true")
+    pp = ps.add_parser("preset", help="list presets, print one as TOML, or save a config as a user preset")
+    common(pp)
+    pp.add_argument("name", nargs="?")
+    pp.add_argument("--user-dir", help="folder of user presets")
+    pp.add_argument("--save", metavar="NAME", help="save --config/--set as user preset NAME in --user-dir")
+    pp.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_prepare)
     return p
 
 

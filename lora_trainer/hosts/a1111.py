@@ -1,0 +1,503 @@
+"""The AUTOMATIC1111 host: trains on ``shared.sd_model`` as the WebUI holds it (no second copy, no reload).
+
+Every ``modules.*`` / ``networks`` import is inside a function, so this file imports without the
+WebUI (tests put a fake ``modules`` package in ``sys.modules``). What the host does and where its
+traps are is written up in docs/HOSTS.md; the ones handled here:
+
+* LoRAs the host merged into the weights (``<lora:..>`` of the last generation) are cleared first,
+  so a training never bakes them in (HOSTS.md section 4);
+* ldm's own activation checkpointing (``use_checkpoint`` / ``checkpoint`` flags) would drop the
+  gradients of our hook-based LoRA, so it is switched off for the run and put back afterwards; the
+  ``gradient_checkpointing`` option uses ``torch.utils.checkpoint`` non-reentrant instead;
+* generation is locked out with the host's ``call_queue.queue_lock`` for the whole run; progress goes
+  to ``shared.state`` (``/sdapi/v1/progress``), and the host's Interrupt stops the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import ConfigError, LoraTrainerError
+from ..model.bundle import ModelBundle
+from ..network.targets import TEXT_CONTAINERS, Target, find_targets
+from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
+from ..train.runtime import Runtime
+
+log = logging.getLogger("lora_trainer")
+
+JOB_NAME = "LoRA training"
+CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
+
+
+def _shared():
+    from modules import shared
+
+    return shared
+
+
+def _networks_module():
+    """The built-in Lora extension's ``networks`` module, or None when it is not loaded."""
+    mod = sys.modules.get("networks")
+    if mod is None:
+        try:
+            mod = importlib.import_module("networks")
+        except Exception:  # noqa: BLE001 - the Lora extension is disabled or absent
+            return None
+    return mod if hasattr(mod, "loaded_networks") or hasattr(mod, "list_available_networks") else None
+
+
+def _compute_device(unet: nn.Module) -> torch.device:
+    """Where the host computes: ``modules.devices.device`` (under --medvram the UNet may sit on the CPU
+    between calls), else where the UNet's weights are."""
+    try:
+        from modules import devices
+
+        dev = getattr(devices, "device", None)
+        if dev is not None:
+            return torch.device(dev)
+    except ImportError:
+        pass
+    return next(unet.parameters()).device
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _hf_text_encoder(sd_model: Any) -> nn.Module | None:
+    """The Hugging Face CLIPTextModel inside A1111's CLIP wrapper (SD1); None for OpenCLIP (SD2)."""
+    wrapped = getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)
+    te = getattr(wrapped, "transformer", None)
+    if isinstance(te, nn.Module) and hasattr(te, "text_model"):
+        return te
+    return None
+
+
+def model_family(sd_model: Any) -> str:
+    """``sd1`` or ``sd2``; a clear error for what the WebUI adapter cannot train yet."""
+    if getattr(sd_model, "is_sdxl", False):
+        raise LoraTrainerError(
+            "SDXL training in the WebUI is not supported yet. Load an SD1.x or SD2.x checkpoint, "
+            "or train SDXL with the standalone trainer (lora_trainer train)."
+        )
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    for flag in ("is_sd3", "is_ssd"):
+        if getattr(sd_model, flag, False):
+            raise LoraTrainerError(f"The loaded model ({flag[3:].upper()}) cannot be trained here; load an SD1.x or SD2.x checkpoint.")
+    raise LoraTrainerError("The loaded model is not an SD1.x or SD2.x checkpoint; load one to train a LoRA on it.")
+
+
+def _loaded_model() -> Any:
+    shared = _shared()
+    sd_model = getattr(shared, "sd_model", None)
+    if sd_model is None or getattr(getattr(sd_model, "model", None), "diffusion_model", None) is None:
+        raise LoraTrainerError("No checkpoint is loaded in the WebUI. Select one in the checkpoint list, then start again.")
+    return sd_model
+
+
+def _effective_mixed_precision(requested: str, weight_dtype: torch.dtype) -> str:
+    """Half-precision host weights need autocast: without it ldm's fp32 timestep embedding meets fp16 layers."""
+    if requested != "no":
+        return requested
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
+
+
+@contextlib.contextmanager
+def _temporary_option(opts: Any, key: str, value: Any) -> Iterator[bool]:
+    """Set a host option for the duration of the run (in ``opts.data``, as the host reads it) and put the
+    old value back. Yields False (and changes nothing) when the host has no such option."""
+    data = getattr(opts, "data", None)
+    labels = getattr(opts, "data_labels", None) or {}
+    if not isinstance(data, dict) or (key not in data and key not in labels):
+        yield False
+        return
+    had = key in data
+    old = data.get(key)
+    data[key] = value
+    try:
+        yield True
+    finally:
+        if had:
+            data[key] = old
+        else:
+            data.pop(key, None)
+
+
+def _checkpointed(fn, *args, **kwargs):
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+class _HostModelState:
+    """What training changes on the host's modules, and how to put it back (called by ``bundle.release``)."""
+
+    def __init__(self, unet: nn.Module, others: list[nn.Module]):
+        self.unet = unet
+        self.modes = [(m, m.training) for m in [unet, *others]]
+        self.ldm_flags: list[tuple[nn.Module, str, bool]] = []
+        self.wrapped_blocks: list[tuple[nn.Module, Any]] = []
+        for m in unet.modules():
+            for attr in ("use_checkpoint", "checkpoint"):
+                v = m.__dict__.get(attr)
+                if isinstance(v, bool) and v:
+                    self.ldm_flags.append((m, attr, v))
+
+    def prepare(self) -> None:
+        for m, _ in self.modes:
+            m.eval()
+        # ldm's CheckpointFunction differentiates only w.r.t. a block's inputs and own parameters:
+        # our LoRA weights live outside the block and would get no gradient at all.
+        for m, attr, _ in self.ldm_flags:
+            setattr(m, attr, False)
+
+    def blocks(self) -> list[nn.Module]:
+        u = self.unet
+        out: list[nn.Module] = []
+        for name in ("input_blocks", "middle_block", "output_blocks"):
+            part = getattr(u, name, None)
+            if isinstance(part, nn.ModuleList):
+                out.extend(part)
+            elif isinstance(part, nn.Module):
+                out.append(part)
+        return out
+
+    def gradient_checkpointing(self, on: bool) -> None:
+        if on and not self.wrapped_blocks:
+            for block in self.blocks():
+                previous = block.__dict__.get("forward")
+                block.forward = functools.partial(_checkpointed, block.forward)
+                self.wrapped_blocks.append((block, previous))
+        elif not on:
+            for block, previous in self.wrapped_blocks:
+                if previous is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = previous
+            self.wrapped_blocks.clear()
+
+    def restore(self) -> None:
+        self.gradient_checkpointing(False)
+        for m, attr, v in self.ldm_flags:
+            setattr(m, attr, v)
+        for m, mode in self.modes:
+            m.train(mode)
+
+
+class A1111Host:
+    name = "a1111"
+
+    # -- model ---------------------------------------------------------------------
+    def model_bundle(self, cfg: TrainConfig, runtime: Runtime) -> ModelBundle:
+        """The loaded checkpoint as a bundle. Host LoRAs are cleared from the weights first; call
+        ``bundle.release()`` when done (``run`` does)."""
+        from ..model.ldm import ldm_unet_lora_targets
+        from ..model.sd import module_fingerprint
+
+        sd_model = _loaded_model()
+        family = model_family(sd_model)
+        unet: nn.Module = sd_model.model.diffusion_model
+        in_ch = getattr(unet, "in_channels", 4)
+        if in_ch != 4:
+            raise LoraTrainerError(
+                f"The loaded checkpoint's UNet takes {in_ch} input channels (an inpainting or instruct model); "
+                "load a plain SD1.x/SD2.x checkpoint to train a LoRA."
+            )
+        te = _hf_text_encoder(sd_model)
+        vae: nn.Module = sd_model.first_stage_model
+        device = runtime.device
+        dtype = _param_dtype(unet)
+        vae_dtype = _param_dtype(vae)
+
+        state = _HostModelState(unet, [m for m in (sd_model.cond_stage_model, vae) if isinstance(m, nn.Module)])
+        state.prepare()
+        try:
+            self.clear_host_loras(sd_model, device)
+        except Exception:
+            state.restore()
+            raise
+
+        if cfg.prediction_type == "auto":
+            prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        else:
+            prediction_type = cfg.prediction_type
+
+        @torch.no_grad()
+        def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            posterior = sd_model.encode_first_stage(pixels.to(device, vae_dtype))
+            mean = getattr(posterior, "mean", None)
+            std = getattr(posterior, "std", None)
+            if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+                # a DiagonalGaussianDistribution: sample with our generator (or take the mean), not the global RNG
+                if generator is None:
+                    posterior = mean
+                else:
+                    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+                    posterior = mean + std * noise
+            latents = sd_model.get_first_stage_encoding(posterior)
+            return latents.detach().float().clone()
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            cond = sd_model.cond_stage_model(list(captions))
+            if isinstance(cond, (tuple, list)):  # SDXL-style (cond, pooled): not reached for SD1/SD2
+                cond = cond[0]
+            return cond.to(device)
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return unet(x_t, t, context=cond)
+
+        def unet_targets(include_conv: bool) -> list[Target]:
+            return ldm_unet_lora_targets(unet, include_conv)
+
+        def text_encoder_targets() -> list[Target]:
+            return find_targets(te, "lora_te", TEXT_CONTAINERS) if te is not None else []
+
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        model_name = str(getattr(info, "title", "") or getattr(info, "model_name", "") or "")
+        model_hash = getattr(info, "sha256", None) or None
+        vae_file = _loaded_vae_file()
+        vae_name = os.path.basename(vae_file) if vae_file else ""
+        return ModelBundle(
+            family=family,
+            prediction_type=prediction_type,
+            alphas_cumprod=sd_model.alphas_cumprod.detach().to("cpu", torch.float32).clone(),
+            encode_images=encode_images,
+            encode_text=encode_text,
+            predict=predict,
+            unet_targets=unet_targets,
+            text_encoder_targets=text_encoder_targets,
+            device=device,
+            dtype=dtype,
+            trainable_roots=[unet] + ([te] if te is not None else []),
+            model_name=model_name,
+            model_hash=model_hash,
+            vae_name=vae_name,
+            vae_id=f"{vae_name}:{module_fingerprint(vae)}",
+            default_resolution=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
+            enable_gradient_checkpointing=state.gradient_checkpointing,
+            release=state.restore,
+        )
+
+    def clear_host_loras(self, sd_model: Any, device: torch.device | None = None) -> bool:
+        """Take the host's merged ``<lora:..>`` weights out of the model: empty ``networks.loaded_networks``,
+        then one forward without grad through the text encoder and the UNet, in which A1111's patched
+        layer forwards copy their clean backups back. Returns False when the Lora extension is absent."""
+        networks = _networks_module()
+        if networks is None:
+            return False
+        loaded = getattr(networks, "loaded_networks", None)
+        if loaded is not None:
+            loaded.clear()
+        unet = sd_model.model.diffusion_model
+        device = device or _compute_device(unet)
+        dtype = _param_dtype(unet)
+        autocast = (
+            torch.autocast(device.type, dtype=dtype) if dtype in (torch.float16, torch.bfloat16) else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            cond = sd_model.cond_stage_model([""])
+            if isinstance(cond, (tuple, list)):
+                cond = cond[0]
+            x = torch.zeros(1, getattr(unet, "in_channels", 4), 8, 8, device=device, dtype=dtype)
+            t = torch.zeros(1, dtype=torch.long, device=device)
+            unet(x, t, context=cond.to(device))
+        return True
+
+    # -- files ---------------------------------------------------------------------
+    def lora_dir(self, cfg: TrainConfig | None = None) -> Path:
+        """The host's LoRA folder (``--lora-dir``, default models/Lora), plus the sub-folder from the settings."""
+        shared = _shared()
+        base = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
+        if not base:
+            base = os.path.join(getattr(shared, "models_path", "models"), "Lora")
+        base_path = Path(base)
+        sub = str(getattr(getattr(shared, "opts", None), "lora_trainer_subfolder", "") or "").strip().strip("/\\")
+        if not sub:
+            return base_path
+        target = (base_path / sub).resolve()
+        root = base_path.resolve()
+        if Path(sub).is_absolute() or ".." in Path(sub).parts or (target != root and root not in target.parents):
+            raise ConfigError(
+                "lora_trainer_subfolder", sub, f"a sub-folder inside {root} (Settings > LoRA Trainer), without '..'"
+            )
+        return base_path / sub
+
+    def refresh_loras(self) -> None:
+        networks = _networks_module()
+        fn = getattr(networks, "list_available_networks", None)
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a failed rescan must not fail a training
+            log.warning("refreshing the WebUI's LoRA list failed: %s", e)
+
+    # -- a run -----------------------------------------------------------------------
+    def run(self, cfg: TrainConfig, events: EventBus, stop: StopControl) -> None:
+        """One training run on the loaded checkpoint, with generation locked out for its whole length."""
+        from modules import call_queue
+
+        from ..api import check_output_inside
+        from ..train.loop import preflight, train
+
+        shared = _shared()
+        folder = self.lora_dir(cfg)
+        cfg = replace(cfg, output_dir=str(folder))  # files only ever go to the host's LoRA folder
+        cfg.validate()
+        check_output_inside(folder, cfg.output_name)
+        scan = preflight(cfg, events)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        lock = call_queue.queue_lock
+        if not lock.acquire(blocking=False):
+            events.info("waiting for the WebUI to finish the current generation")
+            while not lock.acquire(timeout=0.5):
+                if stop.requested:
+                    events.info("stopped before training began")
+                    return
+        try:
+            self._run_locked(cfg, scan, events, stop, shared, train)
+        finally:
+            lock.release()
+        self.refresh_loras()
+
+    def _run_locked(self, cfg: TrainConfig, scan, events: EventBus, stop: StopControl, shared, train) -> None:
+        state = shared.state
+        state.begin(job=JOB_NAME)
+        mirror = _StateMirror(self, state, stop, shared)
+        bus = EventBus(mirror, events.emit)  # the host state first: listeners see it current
+        try:
+            sd_model = _loaded_model()
+            family = model_family(sd_model)
+            if family == "sd2" and cfg.train_text_encoder and _hf_text_encoder(sd_model) is None:
+                events.warning(
+                    "SD2's OpenCLIP text encoder (fused q/k/v) cannot take a kohya text-encoder LoRA here: "
+                    "training the UNet only"
+                )
+                cfg = replace(cfg, train_text_encoder=False)
+            unet = sd_model.model.diffusion_model
+            device = _compute_device(unet)
+            weight_dtype = _param_dtype(unet)
+            mixed = _effective_mixed_precision(cfg.mixed_precision, weight_dtype)
+            if mixed != cfg.mixed_precision:
+                events.info(f"the loaded weights are {str(weight_dtype).replace('torch.', '')}: computing with mixed_precision {mixed}")
+            runtime = Runtime(device, mixed)
+            if cfg.attention != "sdpa":
+                events.info("attention: the WebUI's own cross-attention optimization is used (Settings > Optimizations)")
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
+            mirror.unload_vae = bool(getattr(shared.opts, "lora_trainer_unload_unused", False)) and cfg.cache_latents
+            mirror.sd_model = sd_model
+            bundle = self.model_bundle(cfg, runtime)
+            try:
+                with _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip) as set_skip:
+                    if not set_skip and cfg.clip_skip != 1:
+                        events.warning("this WebUI has no Clip skip option: clip_skip is ignored")
+                    train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
+            finally:
+                bundle.release()
+                mirror.restore_vae()
+        finally:
+            mirror.active = False
+            state.end()
+
+
+def _loaded_vae_file() -> str | None:
+    try:
+        from modules import sd_vae
+    except ImportError:
+        return None
+    f = getattr(sd_vae, "loaded_vae_file", None)
+    return str(f) if f else None
+
+
+class _StateMirror:
+    """Event listener: progress into ``shared.state``, the host's Interrupt into a stop, the LoRA list
+    refreshed after each saved file, and (setting ``lora_trainer_unload_unused``) the VAE moved to the CPU
+    once every latent is cached."""
+
+    def __init__(self, host: A1111Host, state: Any, stop: StopControl, shared: Any):
+        self.host = host
+        self.state = state
+        self.stop = stop
+        self.shared = shared
+        self.active = True
+        self.unload_vae = False
+        self.sd_model: Any = None
+        self._vae_device: torch.device | None = None
+
+    def __call__(self, ev: Event) -> None:
+        if not self.active:
+            return
+        st = self.state
+        if getattr(st, "interrupted", False) and not self.stop.requested:
+            self.stop.stop(False)
+        elif getattr(st, "stopping_generation", False) and not self.stop.requested:
+            self.stop.stop(True)  # "stop generating": finish with what is there, saved
+        if isinstance(ev, TrainingStarted):
+            st.job_count = ev.total_steps
+            st.job_no = 0
+            st.sampling_step = 0
+            st.sampling_steps = 0
+            st.textinfo = f"LoRA training: {ev.total_steps} steps, {ev.epochs} epochs"
+        elif isinstance(ev, CachingProgress):
+            st.sampling_step = ev.done
+            st.sampling_steps = ev.total
+            st.textinfo = f"LoRA training: caching latents {ev.done}/{ev.total}"
+            if ev.done >= ev.total:
+                st.sampling_step = st.sampling_steps = 0
+                self._maybe_unload_vae()
+        elif isinstance(ev, StepEvent):
+            st.job_count = ev.total_steps
+            st.job_no = ev.step
+            eta = f", ETA {int(ev.eta) // 60}:{int(ev.eta) % 60:02d}" if ev.eta else ""
+            st.textinfo = (
+                f"LoRA training: step {ev.step}/{ev.total_steps}, epoch {ev.epoch}, "
+                f"loss {ev.loss:.4f} (average {ev.loss_average:.4f}){eta}"
+            )
+        elif isinstance(ev, FileSaved):
+            self.host.refresh_loras()
+            st.textinfo = f"LoRA training: saved {Path(ev.path).name}"
+
+    def _maybe_unload_vae(self) -> None:
+        if not self.unload_vae or self.sd_model is None or self._vae_device is not None:
+            return
+        cmd = getattr(self.shared, "cmd_opts", None)
+        if getattr(cmd, "medvram", False) or getattr(cmd, "lowvram", False):
+            return  # the host moves models itself
+        vae = getattr(self.sd_model, "first_stage_model", None)
+        if not isinstance(vae, nn.Module):
+            return
+        dev = next(vae.parameters()).device
+        if dev.type == "cpu":
+            return
+        vae.to("cpu")
+        self._vae_device = dev
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore_vae(self) -> None:
+        if self._vae_device is not None and self.sd_model is not None:
+            self.sd_model.first_stage_model.to(self._vae_device)
+            self._vae_device = None
