@@ -311,6 +311,7 @@ def cfg(demo_data, tmp_path) -> TrainConfig:
         text_encoder_lr=1e-3,
         lr_scheduler="constant",
         seed=1,
+        grid_after_training=False,  # the grid tests below turn it on
     )
 
 
@@ -564,3 +565,57 @@ def test_waits_for_a_running_generation_and_can_be_stopped_while_waiting(host_en
         lock.release()
     assert status.state == "stopped" and not status.files
     assert env.shared.state.calls == []
+
+
+def test_grid_after_training_goes_through_the_hosts_txt2img(host_env, cfg, monkeypatch):
+    """Each cell is one StableDiffusionProcessingTxt2Img with <lora:file:w> in the prompt, made
+    while generation is locked out; the grid PNG lands next to the epoch files."""
+    from PIL import Image
+
+    calls = []
+    processing = types.ModuleType("modules.processing")
+
+    class P:
+        def __init__(self, **kw):
+            self.kw = kw
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    def process_images(p):
+        assert host_env.call_queue.queue_lock.locked()
+        calls.append(p.kw)
+        shade = int(255 * float(p.kw["prompt"].rsplit(":", 1)[1].rstrip(">")))
+        return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (shade, 0, 0))])
+
+    processing.StableDiffusionProcessingTxt2Img = P
+    processing.process_images = process_images
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StopControl
+
+    cfg = cfg.with_overrides(["grid_after_training=true", "grid_weights=0, 1", "grid_prompt=ohwx ring", "grid_seed=9"])
+    A1111Host().run(cfg, EventBus(), StopControl())
+    assert len(calls) == 4
+    assert {c["prompt"] for c in calls} == {
+        "ohwx ring, <lora:t-000001:0>", "ohwx ring, <lora:t:0>", "ohwx ring, <lora:t-000001:1>", "ohwx ring, <lora:t:1>"
+    }
+    assert all(c["seed"] == 9 and c["do_not_save_samples"] for c in calls)
+    grid = host_env.lora_dir / "t_grid.png"
+    assert grid.is_file()
+    with Image.open(grid) as im:
+        assert "lora_trainer_grid" in im.text
+
+
+def test_a_failing_grid_does_not_fail_the_training(host_env, cfg):
+    # no modules.processing at all: the grid fails, the files stay, the run ends normally
+    cfg = cfg.with_overrides(["grid_after_training=true"])
+    messages = []
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, Message, StopControl
+
+    A1111Host().run(cfg, EventBus(lambda e: messages.append(e.text) if isinstance(e, Message) else None), StopControl())
+    assert (host_env.lora_dir / "t.safetensors").is_file()
+    assert any("grid could not be built" in m for m in messages)

@@ -377,12 +377,36 @@ class A1111Host:
                     events.info("stopped before training began")
                     return
         try:
-            self._run_locked(cfg, scan, events, stop, shared, train)
+            result = self._run_locked(cfg, scan, events, stop, shared, train)
+            self.refresh_loras()
+            if (
+                result is not None
+                and result.files
+                and not stop.requested
+                and cfg.grid_after_training
+                and bool(getattr(shared.opts, "lora_trainer_grid_after_training", True))
+            ):
+                self._grid(cfg, result, scan, events, stop, shared)
         finally:
             lock.release()
-        self.refresh_loras()
 
-    def _run_locked(self, cfg: TrainConfig, scan, events: EventBus, stop: StopControl, shared, train) -> None:
+    def _grid(self, cfg: TrainConfig, result, scan, events: EventBus, stop: StopControl, shared) -> None:
+        """The epochs x weights grid through the host's own txt2img (``<lora:file:w>`` in the prompt,
+        the code path the user's prompts take). A failure here is reported, never fatal: the LoRA
+        files are already saved."""
+        from ..grid import grid_after_training
+
+        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
+        state = shared.state
+        state.begin(job="LoRA grid")
+        try:
+            grid_after_training(cfg, [str(p) for p in result.files], A1111Generator(), events, stop, trigger)
+        except Exception as e:  # noqa: BLE001 - see docstring
+            events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
+        finally:
+            state.end()
+
+    def _run_locked(self, cfg: TrainConfig, scan, events: EventBus, stop: StopControl, shared, train):
         state = shared.state
         state.begin(job=JOB_NAME)
         mirror = _StateMirror(self, state, stop, shared)
@@ -414,13 +438,40 @@ class A1111Host:
                 with _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip) as set_skip:
                     if not set_skip and cfg.clip_skip != 1:
                         events.warning("this WebUI has no Clip skip option: clip_skip is ignored")
-                    train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
+                    return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
             finally:
                 bundle.release()
                 mirror.restore_vae()
         finally:
             mirror.active = False
             state.end()
+
+
+class A1111Generator:
+    """``generate(cell)`` for the grid: one txt2img through ``modules.processing``, as the UI does it.
+    The caller holds the queue lock; the training LoRA's hooks are already removed."""
+
+    def __call__(self, cell):
+        from contextlib import closing
+
+        from modules import processing, shared
+
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model,
+            prompt=cell.prompt_with_lora(),
+            negative_prompt=cell.negative_prompt,
+            seed=cell.seed,
+            steps=cell.steps,
+            cfg_scale=cell.cfg_scale,
+            width=cell.width,
+            height=cell.height,
+            sampler_name=cell.sampler_name,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+        )
+        with closing(p):
+            processed = processing.process_images(p)
+        return processed.images[0]
 
 
 def _loaded_vae_file() -> str | None:
