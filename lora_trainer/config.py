@@ -63,6 +63,9 @@ class TrainConfig:
     keep_tokens: int = _f(0, "dataset", "Leading tags never shuffled or dropped", min=0)
     caption_dropout_rate: float = _f(0.0, "dataset", "Probability of training an image with an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = _f(0.0, "dataset", "Probability of dropping each tag (after keep_tokens)", min=0.0, max=1.0)
+    validation_split: float = _f(
+        0.0, "dataset", "Fraction of images held out for the validation loss (0 = measure on training images)", min=0.0, max=0.5
+    )
     # network
     network_type: str = _f("Standard", "network", "LoRA kind: Standard (attention + MLP) or LoCon (+ 3x3 convs)", choices=NETWORK_TYPES)
     network_dim: int = _f(32, "network", "LoRA rank", min=1, max=1024)

@@ -66,6 +66,8 @@ class GridSpec:
     width: int = 512
     height: int = 512
     sampler_name: str = "Euler a"
+    best_epoch: int | None = None
+    """Epoch with the lowest validation loss: marked on the grid."""
 
     def columns(self) -> list[Column]:
         cols = [column_for(Path(p)) for p in self.files]
@@ -217,7 +219,9 @@ def build_grid(
     for seed in spec.seeds:
         for w in spec.weights:
             row_labels.append(f"w {w:g}" + (f" / seed {seed}" if len(spec.seeds) > 1 else ""))
-    grid = draw_grid(rows, [c.label for c in cols], row_labels)
+    labels = [c.label + (" *" if spec.best_epoch is not None and c.epoch == spec.best_epoch else "") for c in cols]
+    title = f"* lowest validation loss: epoch {spec.best_epoch}" if spec.best_epoch is not None else ""
+    grid = draw_grid(rows, labels, row_labels, title=title)
     result = GridResult(grid, cells, images, stopped=stopped)
     if out_path is not None:
         result.path = save_grid(grid, out_path, spec)
@@ -256,7 +260,8 @@ def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
     cw, ch = spec.width, spec.height
     if result.images:
         cw, ch = result.images[0].size
-    top, left, _ = label_geometry(cw, ch)
+    top, left, fs = label_geometry(cw, ch)
+    top += fs * 2 if spec.best_epoch is not None else 0
     col, row = (x - left) // cw, (y - top) // ch
     ncols = len(spec.columns())
     if x < left or y < top or col >= ncols or row * ncols + col >= len(result.cells):
@@ -264,7 +269,15 @@ def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
     return result.cells[row * ncols + col]
 
 
-def grid_after_training(cfg, files: list[str], generate: Callable[[Cell], Image.Image], events, stop, trigger: str = ""):
+def grid_after_training(
+    cfg,
+    files: list[str],
+    generate: Callable[[Cell], Image.Image],
+    events,
+    stop,
+    trigger: str = "",
+    validation: dict[int, float] | None = None,
+):
     """The automatic grid at the end of a run: every saved epoch x ``cfg.grid_weights``, one seed.
 
     Reports GridProgress / GridSaved events; ``stop`` ends it early (what was made is kept)."""
@@ -284,6 +297,9 @@ def grid_after_training(cfg, files: list[str], generate: Callable[[Cell], Image.
         height=cfg.resolution,
         sampler_name="DDIM",
     )
+    saved_epochs = {c.epoch for c in spec.columns()}
+    candidates = [(v, e) for e, v in (validation or {}).items() if e in saved_epochs]
+    spec.best_epoch = min(candidates)[1] if candidates else None
     events.info(f"building the grid: {len(spec.columns())} epochs x {len(spec.weights)} weights, prompt '{spec.prompt}'")
     out = Path(files[0]).parent / f"{cfg.output_name}_grid.png"
     result = build_grid(
@@ -293,7 +309,7 @@ def grid_after_training(cfg, files: list[str], generate: Callable[[Cell], Image.
         should_stop=lambda: stop.requested,
         out_path=out,
     )
-    events.emit(GridSaved(str(result.path)))
+    events.emit(GridSaved(str(result.path), spec.best_epoch))
     return result
 
 
@@ -306,9 +322,23 @@ def cell_tag_from_png(path: str | Path, x: int, y: int) -> str | None:
         return None
     cols, weights, seeds = params["columns"], params["weights"], params["seeds"]
     cw, ch = params["width"], params["height"]
-    top, left, _ = label_geometry(cw, ch)
+    left, top = cell_origin(params, 0, 0)
     c, r = (x - left) // cw, (y - top) // ch
     if x < left or y < top or c >= len(cols) or r >= len(weights) * len(seeds):
         return None
     w = weights[r % len(weights)]
     return f"<lora:{Path(cols[c]['path']).stem}:{float(w):g}>"
+
+
+def read_grid_parameters(path: str | Path) -> dict:
+    with Image.open(path) as im:
+        return json.loads(im.text.get("lora_trainer_grid", "{}")) if hasattr(im, "text") else {}
+
+
+def cell_origin(params: dict, row: int, col: int) -> tuple[int, int]:
+    """Top-left pixel of cell (row, col) in a grid saved with ``params`` (its PNG parameters)."""
+    cw, ch = params["width"], params["height"]
+    top, left, fs = label_geometry(cw, ch)
+    if params.get("best_epoch") is not None:
+        top += fs * 2  # the title row that explains the mark
+    return left + col * cw, top + row * ch

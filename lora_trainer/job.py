@@ -30,6 +30,7 @@ from .train.events import (
     StopControl,
     TrainingFinished,
     TrainingStarted,
+    ValidationLoss,
 )
 
 IDLE, PREPARING, CACHING, TRAINING, GRID, DONE, STOPPED, FAILED = (
@@ -85,6 +86,9 @@ class JobStatus:
     loss_history: tuple[tuple[int, float, float], ...] = ()
     """(step, loss, moving average) for the loss plot."""
     epoch_losses: tuple[tuple[int, float], ...] = ()
+    validation: tuple[tuple[int, float], ...] = ()
+    """(epoch, validation loss); epoch 0 is before training."""
+    validation_held_out: bool = False
     grid_done: int = 0
     grid_total: int = 0
     grid_path: str | None = None
@@ -92,6 +96,12 @@ class JobStatus:
     @property
     def running(self) -> bool:
         return self.state in RUNNING_STATES
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The saved-epoch candidate with the lowest validation loss (epoch 0 excluded)."""
+        trained = [(v, e) for e, v in self.validation if e > 0]
+        return min(trained)[1] if trained else None
 
     @property
     def progress(self) -> float:
@@ -116,6 +126,8 @@ class JobStatus:
             "messages": list(self.messages),
             "error": self.error,
             "grid": {"done": self.grid_done, "total": self.grid_total, "path": self.grid_path},
+            "validation": [{"epoch": e, "loss": v} for e, v in self.validation],
+            "best_epoch": self.best_epoch,
         }
 
 
@@ -239,6 +251,11 @@ class TrainingJob:
                 f = SavedFile(ev.path, ev.epoch, ev.step, ev.final)
                 s = replace(s, files=s.files + (f,))
                 self._messages.append(f"saved {Path(ev.path).name}  {f.tag()}")
+            elif isinstance(ev, ValidationLoss):
+                s = replace(s, validation=s.validation + ((ev.epoch, ev.loss),), validation_held_out=ev.held_out)
+                where = "held-out" if ev.held_out else "training"
+                label = "before training" if ev.epoch == 0 else f"epoch {ev.epoch}"
+                self._messages.append(f"validation loss {label}: {ev.loss:.4f} ({ev.images} {where} images)")
             elif isinstance(ev, GridProgress):
                 s = replace(s, state=GRID, grid_done=ev.done, grid_total=ev.total)
             elif isinstance(ev, GridSaved):

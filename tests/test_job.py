@@ -87,7 +87,7 @@ def test_failure_is_reported_not_raised(tiny_sd, tiny_config, tmp_path):
 def test_grid_is_built_automatically_after_training(tiny_sd, tiny_config):
     from PIL import Image
 
-    from lora_trainer.grid import cell_tag_from_png, label_geometry
+    from lora_trainer.grid import cell_origin, cell_tag_from_png, read_grid_parameters
 
     cfg = tiny_config.with_overrides(["grid_after_training=true", "grid_weights=0, 1", "grid_steps=3"])
     job = TrainingJob(StandaloneHost(tiny_sd).run)
@@ -103,6 +103,9 @@ def test_grid_is_built_automatically_after_training(tiny_sd, tiny_config):
     assert Path(s.grid_path).parent == Path(cfg.output_dir)
     with Image.open(s.grid_path) as im:
         assert "lora_trainer_grid" in im.text
-    top, left, _ = label_geometry(64, 64)
-    assert cell_tag_from_png(s.grid_path, left + 64 + 3, top + 64 + 3) == "<lora:t:1>"
-    assert cell_tag_from_png(s.grid_path, left + 3, top + 3) == "<lora:t-000001:0>"
+    params = read_grid_parameters(s.grid_path)
+    x, y = cell_origin(params, row=1, col=1)
+    assert cell_tag_from_png(s.grid_path, x + 3, y + 3) == "<lora:t:1>"
+    x, y = cell_origin(params, row=0, col=0)
+    assert cell_tag_from_png(s.grid_path, x + 3, y + 3) == "<lora:t-000001:0>"
+    assert cell_tag_from_png(s.grid_path, 1, 1) is None

@@ -58,7 +58,7 @@ def test_tab_shows_config_errors_without_starting(tiny_sd, tiny_config):
 
 
 def test_tab_shows_the_grid_and_the_clicked_cell_tag(tiny_sd, tiny_config):
-    from lora_trainer.grid import label_geometry
+    from lora_trainer.grid import cell_origin, read_grid_parameters
 
     cfg = tiny_config.with_overrides(["grid_after_training=true", "grid_weights=0, 0.8", "grid_steps=2"])
     backend = standalone_backend(StandaloneHost(tiny_sd), cfg)
@@ -73,9 +73,9 @@ def test_tab_shows_the_grid_and_the_clicked_cell_tag(tiny_sd, tiny_config):
     class Evt:  # what gradio passes to a select handler
         index = None
 
-    top, left, _ = label_geometry(64, 64)
+    x, y = cell_origin(read_grid_parameters(s.grid_path), row=1, col=1)
     evt = Evt()
-    evt.index = [left + 64 + 1, top + 64 + 1]
+    evt.index = [x + 1, y + 1]
     assert h["grid_select"](evt) == "<lora:t:0.8>"
     evt.index = [1, 1]
     assert h["grid_select"](evt) == ""

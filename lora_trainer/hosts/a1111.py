@@ -400,7 +400,9 @@ class A1111Host:
         state = shared.state
         state.begin(job="LoRA grid")
         try:
-            grid_after_training(cfg, [str(p) for p in result.files], A1111Generator(), events, stop, trigger)
+            grid_after_training(
+                cfg, [str(p) for p in result.files], A1111Generator(), events, stop, trigger, result.validation_losses
+            )
         except Exception as e:  # noqa: BLE001 - see docstring
             events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
         finally:

@@ -68,7 +68,10 @@ class StandaloneHost:
             from ..grid import grid_after_training
 
             trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
-            grid_after_training(cfg, [str(p) for p in result.files], StandaloneGenerator(self._parts), events, stop, trigger)
+            grid_after_training(
+                cfg, [str(p) for p in result.files], StandaloneGenerator(self._parts), events, stop, trigger,
+                result.validation_losses,
+            )
 
 
 def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None):

@@ -53,6 +53,16 @@ class EpochEnd(Event):
 
 
 @dataclass
+class ValidationLoss(Event):
+    """Loss on fixed noise and timesteps, after each epoch (epoch 0: before training)."""
+
+    epoch: int
+    loss: float
+    held_out: bool  # False: measured on training images (too few images to hold some out)
+    images: int
+
+
+@dataclass
 class FileSaved(Event):
     path: str
     epoch: int

@@ -30,12 +30,14 @@ from .events import (
     StopControl,
     TrainingFinished,
     TrainingStarted,
+    ValidationLoss,
 )
 from .metadata import RunInfo, build_metadata
 from .noise import add_noise, min_snr_weight, sample_noise, sample_timesteps, target_for
 from .optim import build_optimizer, current_lrs
 from .runtime import Runtime
 from .schedulers import build_scheduler
+from .validation import Validator, choose_validation
 
 MAX_GRAD_NORM = 1.0
 LOSS_WINDOW = 25
@@ -54,6 +56,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     network: LoRANetwork | None = None
+    validation_losses: dict[int, float] = field(default_factory=dict)
+    """epoch -> validation loss (epoch 0: before training)."""
     first_step_at: float = 0.0
     """``time.time()`` when the first optimizer step finished (benchmarks)."""
 
@@ -72,9 +76,9 @@ def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
     return [p for p in pattern_files if p.exists()]
 
 
-def plan(cfg: TrainConfig, scan: DatasetScan, world_size: int = 1) -> tuple[int, int, int]:
+def plan(cfg: TrainConfig, scan: DatasetScan, world_size: int = 1, held_out_samples: int = 0) -> tuple[int, int, int]:
     """(total optimizer steps, epochs, steps per epoch) for this dataset and process count."""
-    per_process = math.ceil(scan.num_samples / world_size)
+    per_process = math.ceil((scan.num_samples - held_out_samples) / world_size)
     total, epochs = total_steps(
         per_process, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps
     )
@@ -117,14 +121,27 @@ def train(
     if scan is None:
         scan = preflight(cfg, events, overwrite)
     output_dir = Path(cfg.output_dir)
-    total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size)
+    entries = [e for s in scan.subsets for e in s.images]
+    repeats = [s.repeats for s in scan.subsets for _ in s.images]
+    val_indices, val_held_out = choose_validation(len(entries), cfg.validation_split, cfg.seed)
+    if cfg.validation_split > 0 and not val_held_out:
+        events.warning(
+            f"validation_split is set but {len(entries)} images are too few to hold some out: "
+            "the validation loss is measured on training images"
+        )
+    held_out = sum(repeats[i] for i in val_indices) if val_held_out else 0
+    total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size, held_out)
     summary = describe_steps(scan, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps)
     if runtime.world_size > 1:
         summary += f"\n{runtime.world_size} processes: each trains {steps_per_epoch} steps per epoch on its share"
-    events.emit(TrainingStarted(total, epochs, steps_per_epoch, scan.num_images, summary))
 
-    entries = [e for s in scan.subsets for e in s.images]
-    repeats = [s.repeats for s in scan.subsets for _ in s.images]
+    if val_held_out:
+        names = ", ".join(entries[i].path.name for i in val_indices[:5]) + (", ..." if len(val_indices) > 5 else "")
+        summary += (
+            f"\nvalidation: {len(val_indices)} images held out ({names}); "
+            f"training on the rest: {steps_per_epoch} steps per epoch, {total} steps"
+        )
+    events.emit(TrainingStarted(total, epochs, steps_per_epoch, scan.num_images, summary))
     background = parse_color(cfg.alpha_background)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * runtime.rank)
     torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
@@ -208,7 +225,22 @@ def train(
         scheduler = build_scheduler(
             cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
         )
-        samples = [i for i, r in enumerate(repeats) for _ in range(r)]
+        excluded = set(val_indices) if val_held_out else set()
+        samples = [i for i, r in enumerate(repeats) if i not in excluded for _ in range(r)]
+
+        def latents_of(idx: list[int]) -> torch.Tensor:
+            if latents is not None:
+                return torch.stack([latents[i] for i in idx])
+            return encode_batch(bundle.encode_images, [entries[i].path for i in idx], cfg.resolution, background)
+
+        validate = Validator(bundle, latents_of, [e.caption for e in entries], val_indices, cfg.seed, runtime.autocast)
+
+        def emit_validation(epoch: int) -> None:
+            v = validate()
+            result.validation_losses[epoch] = v
+            events.emit(ValidationLoss(epoch, v, val_held_out, len(val_indices)))
+
+        emit_validation(0)
         caption_rng = random.Random(cfg.seed * 1_000_003 + runtime.rank)
         caption_random = cfg.shuffle_caption or cfg.caption_dropout_rate > 0 or cfg.caption_tag_dropout_rate > 0
         recent: deque[float] = deque(maxlen=LOSS_WINDOW)
@@ -295,6 +327,7 @@ def train(
             result.epochs_done = epoch
             mean = sum(epoch_losses) / max(len(epoch_losses), 1)
             events.emit(EpochEnd(epoch, mean, step))
+            emit_validation(epoch)
             is_last = epoch == epochs or step >= total
             if is_last:
                 save(epoch, step, final=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .events import EpochEnd, Event, StepEvent, TrainingFinished
+from .events import EpochEnd, Event, StepEvent, TrainingFinished, ValidationLoss
 
 
 def tensorboard_listener(logging_dir: str | Path, run_name: str) -> Callable[[Event], None] | None:
@@ -25,6 +25,8 @@ def tensorboard_listener(logging_dir: str | Path, run_name: str) -> Callable[[Ev
                 writer.add_scalar(f"lr/{name}", lr, ev.step)
         elif isinstance(ev, EpochEnd):
             writer.add_scalar("loss/epoch", ev.loss_epoch, ev.epoch)
+        elif isinstance(ev, ValidationLoss):
+            writer.add_scalar("loss/validation", ev.loss, ev.epoch)
         elif isinstance(ev, TrainingFinished):
             writer.flush()
             writer.close()

@@ -75,10 +75,27 @@ def render_status(s: JobStatus) -> str:
         ("loss (current / average)", "-" if s.loss is None else f"{s.loss:.4f} / {s.loss_average:.4f}"),
         ("learning rate", lr),
     ]
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    if s.validation:
+        where = "held-out images" if s.validation_held_out else "training images"
+        vals = ", ".join(("start" if e == 0 else f"e{e}") + f" {v:.4f}" for e, v in s.validation[-6:])
+        best = f"; lowest: epoch {s.best_epoch}" if s.best_epoch else ""
+        rows.append((f"validation loss ({where})", vals + best))
+    help_attr = ' title="' + html.escape(VALIDATION_HELP) + '"'
+    body = "".join(
+        "<tr><td" + (help_attr if k.startswith("validation") else "") + ">"
+        + f"{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
     bar = f'<div class="lora_trainer_bar"><div style="width:{pct}"></div></div>'
     err = f'<p class="lora_trainer_error">{html.escape(s.error)}</p>' if s.error else ""
     return f'<div id="lora_trainer_status_box" data-state="{html.escape(s.state)}">{bar}<table>{body}</table>{err}</div>'
+
+
+VALIDATION_HELP = (
+    "Validation loss: the same noise and timesteps every epoch, on held-out images (validation_split) or on "
+    "training images. Lower means the LoRA predicts these images better; it does not tell whether pictures look "
+    "like the subject, and on training images it keeps falling as the LoRA memorises them. Pick with the grid."
+)
 
 
 def render_files(s: JobStatus) -> str:
@@ -134,6 +151,19 @@ def _component(gr, f: dataclasses.Field, value: Any):
     return gr.Textbox(lines=1, info=info, **kw)
 
 
+def _prepare_tab(backend: TabBackend):
+    """The dataset-preparation sub-tab; the training tab still works if it cannot be built."""
+    import gradio as gr
+
+    try:
+        from .prepare_tab import build_prepare_tab
+
+        return build_prepare_tab(defaults=backend.defaults, user_preset_dir=backend.extra.get("user_preset_dir"))
+    except Exception as e:  # noqa: BLE001 - an optional part must not take the training tab down
+        gr.HTML(f'<p class="lora_trainer_error">Dataset preparation is unavailable: {html.escape(str(e))}</p>')
+        return None
+
+
 def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = None):
     """The tab's ``gr.Blocks`` (A1111/Forge put it in ``on_ui_tabs``; standalone launches it)."""
     import gradio as gr
@@ -146,32 +176,41 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
             f"<h3>LoRA Trainer <small>({html.escape(backend.host_name)})</small></h3>"
             + (f"<p>{html.escape(backend.notes)}</p>" if backend.notes else "")
         )
-        with gr.Row():
-            with gr.Column(scale=3):
-                by_section: dict[str, list[dataclasses.Field]] = {}
-                for f in fields:
-                    by_section.setdefault(f.metadata["section"], []).append(f)
-                comps: dict[str, Any] = {}
-                for section, sfields in by_section.items():
-                    with gr.Accordion(SECTION_TITLES.get(section, section), open=section in OPEN_SECTIONS):
-                        for i in range(0, len(sfields), 2):
-                            with gr.Row():
-                                for f in sfields[i : i + 2]:
-                                    comps[f.name] = _component(gr, f, getattr(defaults, f.name))
-                inputs = [comps[f.name] for f in fields]
-            with gr.Column(scale=2):
+        with gr.Tabs():
+            with gr.Tab("Train", elem_id="lora_trainer_train_tab"):
                 with gr.Row():
-                    start_btn = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
-                    stop_btn = gr.Button("Stop", elem_id="lora_trainer_stop")
-                    save_btn = gr.Button("Stop and save", elem_id="lora_trainer_stop_save")
-                message = gr.HTML("", elem_id="lora_trainer_message")
-                status_html = gr.HTML(render_status(backend.status()), elem_id="lora_trainer_progress")
-                plot = gr.Plot(label="loss", elem_id="lora_trainer_loss_plot")
-                files_html = gr.HTML(render_files(backend.status()), elem_id="lora_trainer_saved")
-                grid_img = gr.Image(label="epochs x weights (click a cell for its tag)", type="filepath",
-                                    interactive=False, elem_id="lora_trainer_grid")
-                grid_tag = gr.Textbox(label="tag of the clicked cell", interactive=False, elem_id="lora_trainer_grid_tag")
-                log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="lora_trainer_log")
+                    with gr.Column(scale=3):
+                        by_section: dict[str, list[dataclasses.Field]] = {}
+                        for f in fields:
+                            by_section.setdefault(f.metadata["section"], []).append(f)
+                        comps: dict[str, Any] = {}
+                        for section, sfields in by_section.items():
+                            with gr.Accordion(SECTION_TITLES.get(section, section), open=section in OPEN_SECTIONS):
+                                for i in range(0, len(sfields), 2):
+                                    with gr.Row():
+                                        for f in sfields[i : i + 2]:
+                                            comps[f.name] = _component(gr, f, getattr(defaults, f.name))
+                        inputs = [comps[f.name] for f in fields]
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            start_btn = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
+                            stop_btn = gr.Button("Stop", elem_id="lora_trainer_stop")
+                            save_btn = gr.Button("Stop and save", elem_id="lora_trainer_stop_save")
+                        message = gr.HTML("", elem_id="lora_trainer_message")
+                        status_html = gr.HTML(render_status(backend.status()), elem_id="lora_trainer_progress")
+                        plot = gr.Plot(label="loss", elem_id="lora_trainer_loss_plot")
+                        files_html = gr.HTML(render_files(backend.status()), elem_id="lora_trainer_saved")
+                        grid_img = gr.Image(label="epochs x weights (click a cell for its tag)", type="filepath",
+                                            interactive=False, elem_id="lora_trainer_grid")
+                        grid_tag = gr.Textbox(label="tag of the clicked cell", interactive=False, elem_id="lora_trainer_grid_tag")
+                        log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="lora_trainer_log")
+
+            with gr.Tab("Prepare dataset", elem_id="lora_trainer_prepare_tab"):
+                prep = _prepare_tab(backend)
+        if prep is not None:
+            from .prepare_tab import connect_to_form
+
+            connect_to_form(prep, inputs, [f.name for f in fields])
 
         def on_start(*values):
             try:

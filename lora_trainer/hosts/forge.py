@@ -1,0 +1,649 @@
+"""The Forge host (Forge-2: lllyasviel/stable-diffusion-webui-forge main, Forge Neo).
+
+Trains on the model Forge already holds (``shared.sd_model.forge_objects``): no second copy and
+no reload. Every Forge import happens inside a function, so this module imports without Forge.
+
+Forge differs from A1111 in ways that break a naive training loop. Each is handled by one small
+function below, tested on its own (tests/test_host_forge.py):
+
+(a) :func:`detach_inference_tensors`: Forge loads weights under ``torch.inference_mode()``;
+    autograd refuses them until every parameter and buffer is a normal tensor again.
+(b) :func:`guard_inplace_residuals`: Forge's UNet adds residuals in place (``x += n``) after a
+    LayerNorm saved ``x`` for backward; cloning each LayerNorm's input makes backward correct.
+    (Non-reentrant activation checkpointing alone does *not* fix this: it recomputes the same
+    in-place adds and silently gives wrong gradients; see the tests.)
+(c) Forge's ``Linear`` is not ``torch.nn.Linear``: our forward-hook LoRA needs only ``weight``
+    and the module call, so it attaches unchanged (``network.targets.is_linear``).
+(d) :func:`restore_clean_weights`: LoRAs of the last generation stay merged in the weights until
+    Forge loads the LoRA-free patchers again.
+(e) :class:`_Placement`: latents are encoded first; the UNet and the text encoder are then loaded
+    once with Forge's memory manager, which is not called again while the loop runs (a VAE load
+    in between would evict the UNet; the host forces ``cache_latents`` for that reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import ConfigError, LoraTrainerError
+from ..model.bundle import ModelBundle
+from ..network.targets import TEXT_CONTAINERS, Target, find_targets
+from ..train.events import (
+    CachingProgress,
+    Event,
+    EventBus,
+    FileSaved,
+    StepEvent,
+    StopControl,
+    TrainingStarted,
+)
+from ..train.runtime import Runtime
+
+log = logging.getLogger("lora_trainer")
+
+JOB_NAME = "lora_trainer"
+SUBFOLDER_OPTION = "lora_trainer_subfolder"
+TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+_TEXT_ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
+
+
+# ------------------------------------------------------------------------- (a) inference tensors
+def _needs_copy(t: torch.Tensor) -> bool:
+    """An inference tensor, or a former one whose ``.data`` was swapped outside inference mode
+    (it then reports ``is_inference() == False`` but has no version counter, and the next
+    inference-mode forward fails with "Inference tensors do not track version counter")."""
+    if t.is_inference():
+        return True
+    try:
+        t._version  # noqa: B018 - the access itself is the test
+    except RuntimeError:
+        return True
+    return False
+
+
+def _normal_copy(t: torch.Tensor) -> torch.Tensor:
+    data = t.detach().clone()  # outside inference mode: a normal tensor with a version counter
+    if isinstance(t, nn.Parameter):
+        if type(t) is not nn.Parameter:
+            raise LoraTrainerError(
+                f"A {type(t).__name__} weight (quantized storage) cannot be trained. Load the checkpoint "
+                "with fp16, bf16 or fp32 weights (Forge's 'Diffusion in Low Bits' set to Automatic)."
+            )
+        return nn.Parameter(data, requires_grad=t.requires_grad)
+    return data
+
+
+def detach_inference_tensors(module: nn.Module) -> int:
+    """Replace, in place, every inference-mode parameter and buffer of ``module`` by a normal copy.
+
+    The module objects stay where they are (hooks, patchers and LoRA targets keep working); only
+    the tensors in their ``_parameters`` / ``_buffers`` slots change. Every slot is visited, also a
+    second reference to the same tensor (``remove_duplicate=False``: Forge's textual-inversion
+    wrapper holds the token embedding's weight a second time), and all slots that held one old
+    tensor receive the same new one, so sharing is kept. A parameter keeps its ``requires_grad``.
+    Values are copied bit for bit. Returns how many distinct tensors were replaced (0 when there
+    was nothing to do, so calling it again is cheap)."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old kept alive, new)
+    with torch.inference_mode(False), torch.no_grad():
+        for _, owner in module.named_modules(remove_duplicate=False):
+            for slots in (owner._parameters, owner._buffers):
+                for name, t in list(slots.items()):
+                    if t is None:
+                        continue
+                    hit = done.get(id(t))
+                    if hit is not None and hit[0] is t:
+                        slots[name] = hit[1]
+                        continue
+                    if not _needs_copy(t):
+                        continue
+                    new = _normal_copy(t)
+                    done[id(t)] = (t, new)
+                    slots[name] = new
+    return len(done)
+
+
+# ------------------------------------------------------------------- (b) in-place residual adds
+def _clone_first_input(module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    return (args[0].clone(),) + tuple(args[1:])
+
+
+class _Undo:
+    def __init__(self, fns: Iterable[Callable[[], None]]):
+        self._fns = list(fns)
+
+    def __call__(self) -> None:
+        fns, self._fns = self._fns, []
+        for fn in reversed(fns):
+            fn()
+
+
+def guard_inplace_residuals(unet: nn.Module) -> Callable[[], None]:
+    """Make backward through Forge's UNet correct despite its in-place residual adds.
+
+    ``backend/nn/unet.py`` computes ``n = norm1(x); ...; x += n``: LayerNorm saved ``x`` for its
+    backward and the in-place add changes it, so backward raises "one of the variables needed for
+    gradient computation has been modified by an inplace operation". A forward pre-hook on every
+    LayerNorm hands it a clone of its input while grad is enabled: the saved tensor is the clone,
+    the add changes only the original. Gradients are exact; the extra memory is one activation
+    per LayerNorm call, what an out-of-place add would have kept anyway. No-grad forwards are
+    untouched. Returns a function that removes the hooks."""
+    handles = [m.register_forward_pre_hook(_clone_first_input) for m in unet.modules() if isinstance(m, nn.LayerNorm)]
+    return _Undo(h.remove for h in handles)
+
+
+def _checkpointed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's top-level blocks (LDM layout): the units activation checkpointing wraps."""
+    blocks: list[nn.Module] = []
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        part = getattr(unet, name, None)
+        if isinstance(part, nn.ModuleList):
+            blocks.extend(part)
+        elif isinstance(part, nn.Module):
+            blocks.append(part)
+    return blocks
+
+
+def checkpoint_unet_blocks(unet: nn.Module) -> Callable[[], None]:
+    """Activation checkpointing for an LDM-layout UNet whose own switch cannot be used (Forge's
+    ``checkpoint()`` raises NotImplementedError): each top-level block's ``forward`` is replaced by
+    a non-reentrant checkpoint of itself, on the instance only. Use it together with
+    :func:`guard_inplace_residuals` (the recomputation repeats the in-place adds). Returns a
+    function that puts the original ``forward`` back."""
+    undo: list[Callable[[], None]] = []
+    for block in unet_blocks(unet):
+        if "forward" in vars(block):
+            continue  # already wrapped (or patched by someone else: leave it alone)
+        block.forward = functools.partial(_checkpointed, block.forward)
+        undo.append(functools.partial(vars(block).pop, "forward", None))
+    return _Undo(undo)
+
+
+# ----------------------------------------------------------------------- (d) host LoRAs merged
+def restore_clean_weights(sd_model: Any, load_models: Callable[[list], Any]) -> None:
+    """Undo the LoRAs the last generation merged into the weights, and forget that they were applied.
+
+    Forge keeps a ``<lora:...>`` merged in the shared weights after a generation; loading the
+    LoRA-free patchers of ``forge_objects_original`` through ``load_models`` (Forge's
+    ``memory_management.load_models_gpu``) puts the backed-up weights back. The LoRA bookkeeping is
+    then reset to "no LoRA" (``forge_objects`` and ``forge_objects_after_applying_lora`` to the
+    original patchers, ``current_lora_hash`` to ``str([])``), so the next generation applies its
+    own LoRAs again instead of reusing the patched clones (which would re-merge the old LoRA)."""
+    original = sd_model.forge_objects_original
+    patchers = [original.unet]
+    clip = getattr(original, "clip", None)
+    if clip is not None and getattr(clip, "patcher", None) is not None:
+        patchers.append(clip.patcher)
+    load_models(patchers)
+    sd_model.forge_objects = original.shallow_copy()
+    if hasattr(sd_model, "forge_objects_after_applying_lora"):
+        sd_model.forge_objects_after_applying_lora = original.shallow_copy()
+    sd_model.current_lora_hash = str([])
+
+
+# -------------------------------------------------------------------------------- model access
+def forge_family(sd_model: Any) -> str:
+    """``sd1`` or ``sd2``; a clear error for every other model Forge can hold."""
+    if getattr(sd_model, "is_sdxl", False):
+        raise LoraTrainerError("SDXL LoRA training is not supported on Forge yet. Load an SD1.x or SD2.x checkpoint.")
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    kind = type(sd_model).__name__
+    raise LoraTrainerError(
+        f"The loaded model ({kind}) is not Stable Diffusion 1.x or 2.x; only those can be trained on Forge. "
+        "Select an SD1.5 checkpoint in Forge's checkpoint list."
+    )
+
+
+def noise_schedule(predictor: Any, prediction_type: str = "auto") -> tuple[str, torch.Tensor]:
+    """(prediction type, alphas_cumprod float32 on CPU) from Forge's k-diffusion predictor."""
+    ptype = prediction_type if prediction_type != "auto" else str(getattr(predictor, "prediction_type", "epsilon"))
+    if ptype not in ("epsilon", "v_prediction"):
+        raise LoraTrainerError(
+            f"The loaded model predicts {ptype!r}; only epsilon and v_prediction models can be trained."
+        )
+    ac = getattr(predictor, "alphas_cumprod", None)
+    with torch.inference_mode(False):
+        if ac is None:
+            sigmas = getattr(predictor, "sigmas", None)
+            if sigmas is None:
+                raise LoraTrainerError(
+                    "The loaded model has no discrete noise schedule (alphas_cumprod); it cannot be trained."
+                )
+            ac = 1.0 / (1.0 + sigmas.detach().double() ** 2)
+        ac = ac.detach().to("cpu", torch.float32).clone()
+    return ptype, ac
+
+
+def _compute_dtype(unet: nn.Module) -> torch.dtype:
+    dt = getattr(unet, "computation_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    for p in unet.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _device_of(patcher: Any, module: nn.Module) -> torch.device:
+    dev = getattr(patcher, "load_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def effective_mixed_precision(requested: str, device: torch.device, compute_dtype: torch.dtype) -> str:
+    """Forge computes the UNet in its own dtype; on CUDA a half-precision UNet needs loss scaling
+    (fp16) or bf16 autocast, whatever the config asked for."""
+    if requested != "no" or device.type != "cuda":
+        return requested
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(compute_dtype, requested)
+
+
+class _Placement:
+    """(e): the UNet and text encoder are loaded by Forge once, after the latents are encoded.
+
+    ``encode_images`` loads the VAE (which may evict the UNet) and marks the placement stale; the
+    first ``encode_text``/``predict`` after it loads the UNet and the text encoder again, once. With
+    cached latents (forced by :meth:`ForgeHost.run`) that is exactly one load, before the first step."""
+
+    def __init__(self, mm: Any, patchers: list, roots: list[nn.Module], memory_required: int = 0):
+        self.mm = mm
+        self.patchers = patchers
+        self.roots = roots
+        self.memory_required = memory_required
+        self.ready = False
+        self.loads = 0
+
+    def ensure(self) -> None:
+        if self.ready:
+            return
+        if self.memory_required:
+            self.mm.load_models_gpu(self.patchers, memory_required=self.memory_required)
+        else:
+            self.mm.load_models_gpu(self.patchers)
+        for root in self.roots:
+            detach_inference_tensors(root)  # a move under inference mode makes inference tensors again
+        self.loads += 1
+        self.ready = True
+
+
+# ------------------------------------------------------------------------------------ the host
+def _shared() -> Any:
+    from modules import shared
+
+    return shared
+
+
+def _on_forge_main_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on Forge's main thread (where it loads models) and re-raise its error here
+    (``main_thread`` only prints errors)."""
+    try:
+        from modules_forge import main_thread
+    except ImportError:
+        return fn()
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the calling thread
+            box["error"] = e
+
+    main_thread.run_and_wait_result(call)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class ForgeHost:
+    """Trains on Forge's loaded model. See the module docstring for the traps it handles.
+
+    What a run leaves behind: our hooks and wrappers are removed, ``requires_grad`` flags and the
+    text engine's ``clip_skip`` are restored, and Forge's LoRA bookkeeping says "no LoRA applied"
+    (the next generation applies its prompt's LoRAs from the clean weights). The UNet and text
+    encoder weights stay *normal* tensors, bit-identical copies of the inference tensors Forge
+    loaded: Forge generates under ``torch.inference_mode()``, which reads normal tensors as they
+    are; its LoRA loader backs up and restores whichever Parameter objects it finds; and a later
+    move under inference mode turns them back into inference tensors, which the next training run
+    copies again. Swapping them back would cost a second full copy of the weights for nothing."""
+
+    name = "forge"
+
+    # -- files ----------------------------------------------------------------------------
+    def lora_dir(self, cfg: TrainConfig | None = None) -> Path:
+        """Forge's LoRA folder (``--lora-dir``, default models/Lora), plus the settings' sub-folder."""
+        shared = _shared()
+        base = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
+        if not base:
+            base = str(Path(getattr(shared, "models_path", "models")) / "Lora")
+        base_path = Path(base)
+        sub = str(getattr(getattr(shared, "opts", None), SUBFOLDER_OPTION, "") or "").strip().strip("/\\")
+        if not sub:
+            return base_path
+        root = base_path.resolve()
+        target = (base_path / sub).resolve()
+        if Path(sub).is_absolute() or ".." in Path(sub).parts or (target != root and root not in target.parents):
+            raise ConfigError(
+                SUBFOLDER_OPTION, sub, f"a sub-folder inside {root} (Settings > LoRA Trainer), without '..'"
+            )
+        return base_path / sub
+
+    def refresh_loras(self) -> None:
+        """Rescan the LoRA folder (Forge's built-in Lora extension), if it is loaded."""
+        try:
+            import networks  # extensions-builtin/sd_forge_lora, on sys.path in Forge
+        except ImportError:
+            return
+        fn = getattr(networks, "list_available_networks", None)
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a failed rescan must not fail a training
+            log.warning("refreshing Forge's LoRA list failed: %s", e)
+
+    # -- the model ------------------------------------------------------------------------
+    def loaded_model(self, reload: bool = True) -> Any:
+        """Forge's current model, after ``forge_model_reload()`` loads the checkpoint selected in
+        the UI (until then ``shared.sd_model`` is a placeholder)."""
+        if reload:
+            try:
+                from modules import sd_models
+            except ImportError:
+                sd_models = None
+            fn = getattr(sd_models, "forge_model_reload", None)
+            if fn is not None:
+                _on_forge_main_thread(fn)
+        sd_model = _shared().sd_model
+        if (
+            getattr(sd_model, "forge_objects", None) is None
+            or getattr(sd_model, "forge_objects_original", None) is None
+        ):
+            raise LoraTrainerError(
+                "Forge has no model loaded. Select a checkpoint at the top of the page and try again."
+            )
+        return sd_model
+
+    def runtime_for(self, cfg: TrainConfig, sd_model: Any) -> Runtime:
+        unet_patcher = sd_model.forge_objects.unet
+        dm = unet_patcher.model.diffusion_model
+        device = _device_of(unet_patcher, dm)
+        return Runtime(device, effective_mixed_precision(cfg.mixed_precision, device, _compute_dtype(dm)))
+
+    def model_bundle(self, cfg: TrainConfig, runtime: Runtime, sd_model: Any = None) -> ModelBundle:
+        """The loaded SD1.x/SD2.x model as a bundle. Restores clean weights (host LoRAs unmerged)
+        and turns the UNet's and text encoder's inference tensors into normal ones, so call it
+        with generation locked out (``run`` holds the queue lock)."""
+        from backend import memory_management as mm
+
+        if sd_model is None:
+            sd_model = self.loaded_model(reload=False)
+        family = forge_family(sd_model)
+
+        restore_clean_weights(sd_model, mm.load_models_gpu)
+        objs = sd_model.forge_objects
+        unet_patcher, clip, vae = objs.unet, objs.clip, objs.vae
+        kmodel = unet_patcher.model
+        dm: nn.Module = kmodel.diffusion_model
+        storage = getattr(kmodel, "storage_dtype", None) or getattr(dm, "storage_dtype", None)
+        if isinstance(storage, torch.dtype) and storage not in TRAINABLE_STORAGE:
+            raise LoraTrainerError(
+                f"The UNet is stored as {storage} (low-bit weights). Set 'Diffusion in Low Bits' to Automatic "
+                "(fp16/bf16 weights) to train a LoRA."
+            )
+        cond_model: nn.Module = clip.cond_stage_model
+        te_key = _TEXT_ENCODER_KEYS[family]
+        te_wrapper = getattr(cond_model, te_key, None)
+        te: nn.Module | None = getattr(te_wrapper, "transformer", None)
+        if te is None:
+            raise LoraTrainerError(
+                f"Forge's text encoder has no {te_key}.transformer; this Forge version is not supported."
+            )
+        engine = sd_model.text_processing_engine
+
+        device = runtime.device
+        te_device = _device_of(clip.patcher, te)
+        if cfg.train_text_encoder and not _same_device(te_device, device):
+            raise LoraTrainerError(
+                f"Forge keeps the text encoder on {te_device} and the UNet on {device} (low-VRAM mode). "
+                "Turn off train_text_encoder, or give Forge more GPU weight memory."
+            )
+        compute_dtype = _compute_dtype(dm)
+        prediction_type, alphas_cumprod = noise_schedule(kmodel.predictor, cfg.prediction_type)
+
+        detach_inference_tensors(kmodel)
+        detach_inference_tensors(cond_model)
+
+        memory = 0
+        if hasattr(unet_patcher, "memory_required"):
+            lat = cfg.resolution // 8
+            with contextlib.suppress(Exception):
+                # backward keeps the activations: several times what sampling needs
+                memory = int(unet_patcher.memory_required([cfg.train_batch_size, 4, lat, lat]) * 4)
+        placement = _Placement(mm, [unet_patcher, clip.patcher], [kmodel, cond_model], memory)
+
+        from ..model.sd import module_fingerprint
+
+        fsm = vae.first_stage_model
+        vae_id = module_fingerprint(fsm)
+        regulated = _accepts(fsm.encode, "regulation")
+        pass_options = _accepts(dm.forward, "transformer_options")
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        filename = getattr(info, "filename", None) or getattr(sd_model, "filename", None)
+        model_name = Path(filename).name if filename else str(getattr(info, "title", "") or "")
+
+        # from here on nothing raises: release() undoes these
+        undo_guard = guard_inplace_residuals(dm)
+        undo_ckpt: list[Callable[[], None]] = []
+        old_clip_skip = getattr(engine, "clip_skip", None)
+        if old_clip_skip is not None:
+            engine.clip_skip = max(int(cfg.clip_skip), int(getattr(engine, "minimal_clip_skip", 1)))
+
+        def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            def regulation(posterior: Any) -> torch.Tensor:
+                if generator is None:
+                    return posterior.mean
+                noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+                return posterior.mean + posterior.std * noise.to(posterior.mean)
+
+            placement.ready = False  # loading the VAE may evict the UNet
+            with torch.inference_mode():
+                vae_device = torch.device(getattr(vae, "device", device))
+                vae_dtype = getattr(vae, "vae_dtype", torch.float32)
+                need = vae.memory_used_encode(pixels.shape, vae_dtype) if hasattr(vae, "memory_used_encode") else 0
+                mm.load_models_gpu([vae.patcher], memory_required=need)
+                x = pixels.to(vae_device, vae_dtype)
+                z = fsm.encode(x, regulation) if regulated else fsm.encode(x)
+                lat = fsm.process_in(z) if hasattr(fsm, "process_in") else z
+            return lat.to(torch.float32).clone()  # outside inference mode: a normal tensor
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            placement.ensure()
+            cond = engine(list(captions))
+            if isinstance(cond, (tuple, list)):
+                cond = cond[0]
+            return cond
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            placement.ensure()
+            x = x_t.to(device, compute_dtype)
+            context = cond.to(device, compute_dtype)
+            if pass_options:
+                out = dm(x, t.to(device), context=context, transformer_options={})
+            else:
+                out = dm(x, t.to(device), context=context)
+            return out.float()
+
+        def unet_targets(include_conv: bool) -> list[Target]:
+            from ..model.ldm import ldm_unet_lora_targets
+
+            return ldm_unet_lora_targets(dm, include_conv)
+
+        def text_encoder_targets() -> list[Target]:
+            return find_targets(te, "lora_te", TEXT_CONTAINERS)
+
+        def enable_gradient_checkpointing(on: bool) -> None:
+            while undo_ckpt:
+                undo_ckpt.pop()()
+            if on:
+                undo_ckpt.append(checkpoint_unet_blocks(dm))
+
+        def release() -> None:
+            enable_gradient_checkpointing(False)
+            undo_guard()
+            if old_clip_skip is not None:
+                engine.clip_skip = old_clip_skip
+
+        return ModelBundle(
+            family=family,
+            prediction_type=prediction_type,
+            alphas_cumprod=alphas_cumprod,
+            encode_images=encode_images,
+            encode_text=encode_text,
+            predict=predict,
+            unet_targets=unet_targets,
+            text_encoder_targets=text_encoder_targets,
+            device=device,
+            dtype=compute_dtype,
+            trainable_roots=[dm, te],
+            model_name=model_name,
+            model_hash=getattr(info, "sha256", None),
+            vae_name=model_name + ":vae",
+            vae_id=vae_id,
+            default_resolution=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
+            enable_gradient_checkpointing=enable_gradient_checkpointing,
+            release=release,
+        )
+
+    # -- a run ----------------------------------------------------------------------------
+    def run(self, cfg: TrainConfig, events: EventBus, stop: StopControl) -> None:
+        """One training run on Forge's loaded checkpoint, with generation locked out throughout."""
+        from modules import call_queue
+
+        from ..train.loop import preflight, train
+
+        shared = _shared()
+        folder = self.lora_dir(cfg)
+        cfg = replace(cfg, output_dir=str(folder))  # files only ever go to Forge's LoRA folder
+        if not cfg.cache_latents and not cfg.cache_latents_to_disk:
+            events.warning("Forge: latents are cached before training (a VAE encode per step would evict the UNet)")
+            cfg = replace(cfg, cache_latents=True)
+        target = (folder.resolve() / f"{cfg.output_name}.safetensors").resolve()
+        if target.parent != folder.resolve():
+            raise ConfigError("output_name", cfg.output_name, f"a plain file name; files must stay inside {folder}")
+        scan = preflight(cfg, events)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        lock = call_queue.queue_lock
+        if not lock.acquire(False):  # Forge's FIFOLock has no timeout: poll, so that Stop still works
+            events.info("waiting for Forge to finish the current generation")
+            while not lock.acquire(False):
+                if stop.requested:
+                    events.info("stopped before training began")
+                    return
+                time.sleep(0.2)
+        try:
+            self._run_locked(cfg, scan, events, stop, shared, train)
+        finally:
+            lock.release()
+        self.refresh_loras()
+
+    def _run_locked(self, cfg: TrainConfig, scan: Any, events: EventBus, stop: StopControl, shared: Any, train) -> None:
+        state = shared.state
+        state.begin(job=JOB_NAME)
+        mirror = _StateMirror(self, state, stop)
+        bus = EventBus(events.emit, mirror)
+        try:
+            sd_model = self.loaded_model(reload=True)
+            runtime = self.runtime_for(cfg, sd_model)
+            if runtime.mixed_precision != cfg.mixed_precision:
+                events.info(f"Forge computes the UNet in half precision: mixed_precision {runtime.mixed_precision}")
+                cfg = replace(cfg, mixed_precision=runtime.mixed_precision)
+            if cfg.attention != "sdpa":
+                events.info("attention: Forge's own cross-attention function is used")
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
+            bundle = self.model_bundle(cfg, runtime, sd_model)
+            try:
+                train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
+            finally:
+                bundle.release()
+        finally:
+            mirror.active = False
+            state.end()
+
+
+class _StateMirror:
+    """Event listener: progress into ``shared.state``, Forge's Interrupt / Stop into a stop request,
+    and the LoRA list refreshed after each saved file."""
+
+    def __init__(self, host: ForgeHost, state: Any, stop: StopControl):
+        self.host = host
+        self.state = state
+        self.stop = stop
+        self.active = True
+
+    def __call__(self, ev: Event) -> None:
+        if not self.active:
+            return
+        st = self.state
+        if getattr(st, "interrupted", False) and not self.stop.requested:
+            self.stop.stop(False)
+        elif getattr(st, "stopping_generation", False) and not self.stop.requested:
+            self.stop.stop(True)  # "stop generating": end now, keep what was trained
+        if isinstance(ev, TrainingStarted):
+            st.job_count = ev.total_steps
+            st.job_no = 0
+            st.textinfo = f"LoRA training: {ev.total_steps} steps, {ev.epochs} epochs"
+        elif isinstance(ev, CachingProgress):
+            st.textinfo = f"LoRA training: caching latents {ev.done}/{ev.total}"
+        elif isinstance(ev, StepEvent):
+            st.job_count = ev.total_steps
+            st.job_no = ev.step
+            st.textinfo = (
+                f"LoRA training: step {ev.step}/{ev.total_steps}, epoch {ev.epoch}, loss {ev.loss_average:.4f}"
+            )
+        elif isinstance(ev, FileSaved):
+            self.host.refresh_loras()
+            st.textinfo = f"LoRA training: saved {Path(ev.path).name}"

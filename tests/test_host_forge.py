@@ -1,0 +1,897 @@
+"""The Forge host adapter (lora_trainer/hosts/forge.py), without Forge.
+
+Forge's ``backend`` cannot be imported here, so each Forge trap is rebuilt from what Forge's
+source does (read in lllyasviel/stable-diffusion-webui-forge @ dfdcbab6, none of it copied):
+weights created under ``torch.inference_mode()``, a textual-inversion wrapper holding the token
+embedding's weight a second time, transformer blocks that add residuals in place after a
+LayerNorm, a ``Linear`` that is not a ``torch.nn.Linear``, LoRAs left merged by the last
+generation. Each trap test shows the failure without our fix and its absence with it. The last
+tests run ``ForgeHost.run`` end to end on an LDM UNet built with those traps, through stand-in
+``modules`` / ``backend`` / ``networks`` packages.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_trainer.errors import ConfigError, LoraTrainerError
+from lora_trainer.hosts.forge import (
+    ForgeHost,
+    _StateMirror,
+    checkpoint_unet_blocks,
+    detach_inference_tensors,
+    guard_inplace_residuals,
+    noise_schedule,
+    restore_clean_weights,
+)
+from lora_trainer.model.ldm import ldm_unet_lora_targets
+from lora_trainer.network import LoRANetwork
+from lora_trainer.network.lora import LoRAModule
+from lora_trainer.network.targets import find_targets, is_linear
+from lora_trainer.train.events import EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
+
+INFERENCE_SAVE = "Inference tensors cannot be saved for backward"
+NO_VERSION = "Inference tensors do not track version counter"
+INPLACE = "modified by an inplace operation"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- Forge-like parts
+class Linear(nn.Module):
+    """Like Forge's ``ForgeOperations.Linear``: an ``nn.Module`` (not ``nn.Linear``) with weight and
+    bias, whose forward casts the weights to the input's dtype when ``parameters_manual_cast``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, dtype=dtype) / in_features**0.5)
+        self.bias = nn.Parameter(torch.randn(out_features, dtype=dtype) * 0.1) if bias else None
+        self.parameters_manual_cast = dtype != torch.float32
+
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if self.parameters_manual_cast:
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+def forgeify_linears(root: nn.Module) -> int:
+    """Swap every ``nn.Linear`` for the Forge-style ``Linear`` holding the same Parameters."""
+    n = 0
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                new = Linear.__new__(Linear)
+                nn.Module.__init__(new)
+                new.in_features, new.out_features = child.in_features, child.out_features
+                new.weight = child.weight
+                new.bias = child.bias
+                new.parameters_manual_cast = False
+                setattr(parent, name, new)
+                n += 1
+    return n
+
+
+def as_inference_tensors(root: nn.Module) -> None:
+    """What Forge's loader leaves: every parameter and buffer an inference tensor (sharing kept)."""
+    made: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        for _, owner in root.named_modules(remove_duplicate=False):
+            for slots in (owner._parameters, owner._buffers):
+                for k, t in list(slots.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        data = t.detach().clone()
+                        made[id(t)] = (
+                            nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+                        )
+                    slots[k] = made[id(t)]
+    made.clear()
+
+
+class TIWrapper(nn.Module):
+    """Like Forge's ``CLIPEmbeddingForTextualInversion``: wraps the token embedding and registers
+    its weight a second time as its own ``weight``."""
+
+    def __init__(self, wrapped: nn.Embedding):
+        super().__init__()
+        self.wrapped = wrapped
+        self.weight = wrapped.weight
+
+    def forward(self, ids):
+        return self.wrapped(ids)
+
+
+class TinyTextModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token_embedding = TIWrapper(nn.Embedding(16, 8))
+        self.register_buffer("position_ids", torch.arange(4))
+        self.position_embedding = nn.Embedding(4, 8)
+        self.lin1 = nn.Linear(8, 8)
+        self.lin2 = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.token_embedding(ids) + self.position_embedding(self.position_ids[: ids.shape[1]])
+        return self.lin2(torch.relu(self.lin1(h)))
+
+
+def forge_like_dtype_cast(model: TinyTextModel) -> None:
+    """What Forge's ``encode_with_transformers`` does before every text encode (in the caller's mode)."""
+    model.token_embedding = model.token_embedding.to(dtype=torch.float16)
+    model.token_embedding = model.token_embedding.to(dtype=torch.float32)
+
+
+def _train_one_step(model: TinyTextModel) -> None:
+    lora = LoRAModule("lora_te_lin1", model.lin1, 2, 1.0)
+    with torch.no_grad():
+        lora.lora_up.weight.fill_(0.1)
+    lora.attach()
+    try:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        loss = model(ids).pow(2).mean()
+        loss.backward()  # through lin2, whose weight autograd must save
+        assert lora.lora_down.weight.grad is not None and lora.lora_down.weight.grad.abs().sum() > 0
+    finally:
+        lora.detach()
+
+
+def _inference_text_model() -> TinyTextModel:
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        return TinyTextModel().eval()
+
+
+def _naive_detach(module: nn.Module) -> None:
+    """The tempting fix that misses shared references: one replacement per *unique* parameter name."""
+    with torch.inference_mode(False):
+        for name, p in list(module.named_parameters()):
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            owner._parameters[name.rpartition(".")[2]] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+# ------------------------------------------------------------------------ (a) inference tensors
+def test_inference_weights_fail_backward_without_the_fix():
+    model = _inference_text_model()
+    with pytest.raises(RuntimeError, match=INFERENCE_SAVE):
+        _train_one_step(model)
+
+
+def test_detach_inference_tensors_makes_backward_work_and_keeps_values_and_sharing():
+    model = _inference_text_model()
+    with torch.inference_mode(False):
+        before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    model.lin2.weight.requires_grad_(False)
+    modules_before = dict(model.named_modules())
+    flags = {k: p.requires_grad for k, p in model.named_parameters(remove_duplicate=False)}
+
+    n = detach_inference_tensors(model)
+
+    # 6 distinct parameters (the shared embedding weight once) + 2 biases... counted exactly:
+    distinct = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    assert n == len(distinct)
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        assert not t.is_inference(), name
+        assert torch.equal(t, before[name]), f"{name} changed value"
+    assert isinstance(model.lin1.weight, nn.Parameter)
+    assert {k: p.requires_grad for k, p in model.named_parameters(remove_duplicate=False)} == flags
+    assert model.token_embedding.weight is model.token_embedding.wrapped.weight, "sharing is kept"
+    assert dict(model.named_modules()) == modules_before, "same module objects"
+    _train_one_step(model)
+    assert detach_inference_tensors(model) == 0, "a second call has nothing to do"
+
+
+def test_shared_reference_is_replaced_too():
+    """Forge's text engine casts the token-embedding wrapper's dtype before each encode. A weight that
+    stayed an inference tensor behind the second reference becomes, after that cast outside
+    inference mode, a tensor without a version counter: the next generation (inference mode) fails."""
+    naive = _inference_text_model()
+    _naive_detach(naive)
+    assert naive.token_embedding.wrapped.weight.is_inference(), "the naive fix misses the second reference"
+    forge_like_dtype_cast(naive)  # during training, outside inference mode
+    with pytest.raises(RuntimeError, match=NO_VERSION):
+        with torch.inference_mode():
+            naive(torch.tensor([[1, 2]]))
+
+    model = _inference_text_model()
+    detach_inference_tensors(model)
+    _train_one_step(model)
+    forge_like_dtype_cast(model)
+    with torch.inference_mode():  # the next txt2img
+        model(torch.tensor([[1, 2]]))
+    model(torch.tensor([[1, 2]]))
+
+
+def test_tensor_without_version_counter_is_repaired():
+    model = _inference_text_model()
+    forge_like_dtype_cast(model)  # the cast outside inference mode leaves counter-less tensors
+    assert detach_inference_tensors(model) >= 1
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2]]))
+
+
+# -------------------------------------------------------------------- (b) in-place residual adds
+class InplaceBlock(nn.Module):
+    """The residual pattern of Forge's ``BasicTransformerBlock._forward``: ``x += n`` after a
+    LayerNorm saved ``x`` (``inplace=False`` is the same block with out-of-place adds)."""
+
+    def __init__(self, d: int = 8, inplace: bool = True):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(d), Linear(d, d)
+        self.norm2, self.attn2 = nn.LayerNorm(d), Linear(d, d)
+        self.norm3, self.ff = nn.LayerNorm(d), Linear(d, d)
+        self.inplace = inplace
+
+    def forward(self, x):
+        if not self.inplace:
+            x = self.attn1(self.norm1(x)) + x
+            x = self.attn2(self.norm2(x)) + x
+            return self.ff(self.norm3(x)) + x
+        n = self.attn1(self.norm1(x))
+        x += n
+        n = self.attn2(self.norm2(x))
+        x += n
+        skip = x
+        x = self.ff(self.norm3(x))
+        x += skip
+        return x
+
+
+class Spatial(nn.Module):
+    """proj -> two in-place blocks -> residual, like Forge's SpatialTransformer."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.proj = Linear(8, 8)
+        self.transformer_blocks = nn.ModuleList([InplaceBlock(inplace=inplace), InplaceBlock(inplace=inplace)])
+
+    def forward(self, x):
+        x_in = x
+        x = self.proj(x).contiguous()
+        for block in self.transformer_blocks:
+            x = block(x)
+        return x + x_in
+
+
+class Stack(nn.Module):
+    """Two Spatial units in ``input_blocks`` (the LDM name :func:`checkpoint_unet_blocks` looks for)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.input_blocks = nn.ModuleList([Spatial(inplace), Spatial(inplace)])
+
+    def forward(self, x):
+        for block in self.input_blocks:
+            x = block(x)
+        return x
+
+
+def _grad_through(model: nn.Module, wrap=None) -> torch.Tensor:
+    torch.manual_seed(3)
+    lora_in = nn.Linear(8, 8)  # a trainable layer before the model (like a LoRA upstream)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+    h = lora_in(x)
+    y = wrap(model, h) if wrap else model(h)
+    (y**2).sum().backward()
+    return lora_in.weight.grad
+
+
+def _stacks():
+    torch.manual_seed(0)
+    model = Stack(inplace=True).requires_grad_(False)
+    reference = Stack(inplace=False).requires_grad_(False)
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+def test_inplace_residuals_fail_backward_without_the_fix():
+    model, _ = _stacks()
+    with pytest.raises(RuntimeError, match=INPLACE):
+        _grad_through(model)
+
+
+def test_checkpointing_alone_gives_wrong_gradients():
+    """Why the fix is not "wrap the blocks in checkpoint(use_reentrant=False)": backward then runs,
+    but the recomputation repeats the in-place adds on the tensors it saved, and the gradient is wrong."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, reference = _stacks()
+    want = _grad_through(reference)
+    got = _grad_through(model, lambda m, h: checkpoint(m, h, use_reentrant=False))
+    assert (got - want).abs().max() > 1e-2
+
+
+def test_guard_gives_exact_gradients_and_is_removable():
+    model, reference = _stacks()
+    want = _grad_through(reference)
+    undo = guard_inplace_residuals(model)
+    torch.testing.assert_close(_grad_through(model), want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        y = model(torch.ones(1, 2, 8))
+    undo()
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(torch.ones(1, 2, 8)), y)
+    with pytest.raises(RuntimeError, match=INPLACE):
+        _grad_through(model)
+
+
+def test_block_checkpointing_with_the_guard_gives_exact_gradients():
+    model, reference = _stacks()
+    want = _grad_through(reference)
+    undo_guard = guard_inplace_residuals(model)
+    undo_ckpt = checkpoint_unet_blocks(model)
+    assert all("forward" in vars(b) for b in model.input_blocks)
+    torch.testing.assert_close(_grad_through(model), want, rtol=0, atol=1e-6)
+    undo_ckpt()
+    undo_guard()
+    assert all("forward" not in vars(b) for b in model.input_blocks)
+
+
+# --------------------------------------------------------------------- (c) Forge's Linear class
+class CLIPAttention(nn.Module):  # a text-encoder LoRA container, by class name
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.q_proj = Linear(8, 8, dtype=dtype)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def test_lora_attaches_to_forge_linear_and_detaches_bit_for_bit():
+    torch.manual_seed(0)
+    root = nn.Sequential(CLIPAttention())
+    layer = root[0].q_proj
+    assert not isinstance(layer, nn.Linear) and is_linear(layer)
+    targets = find_targets(root, "lora_te", frozenset({"CLIPAttention"}))
+    assert [t.lora_name for t in targets] == ["lora_te_0_q_proj"]
+    net = LoRANetwork.create(targets, 4, 4.0)
+    with torch.no_grad():
+        net.loras[0].lora_up.weight.normal_()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        base = root(x)
+        net.attach()
+        changed = root(x)
+        net.detach()
+        after = root(x)
+    assert (changed - base).abs().max() > 1e-3
+    assert torch.equal(after, base)
+
+
+def test_fp32_lora_trains_on_a_half_precision_forge_linear():
+    """Forge's text encoder is fp16 by default (also on the CPU): LoRA weights stay fp32 and get grads."""
+    torch.manual_seed(0)
+    root = nn.Sequential(CLIPAttention(dtype=torch.float16)).requires_grad_(False)
+    net = LoRANetwork.create(find_targets(root, "lora_te", frozenset({"CLIPAttention"})), 4, 4.0)
+    net.to(torch.float32)
+    with torch.no_grad():
+        net.loras[0].lora_up.weight.fill_(0.01)
+    net.attach()
+    out = root(torch.randn(2, 8, dtype=torch.float16))
+    assert out.dtype == torch.float16
+    out.float().pow(2).mean().backward()
+    net.detach()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+# ----------------------------------------------------------------- (d) host LoRAs left merged
+class ForgeObjects:
+    def __init__(self, unet, clip=None):
+        self.unet, self.clip = unet, clip
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip)
+
+
+class SimLoraLoader:
+    """Forge's ``LoraLoader`` in short: merges patches into the shared weights, keeps the originals."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.backup, self.loaded_hash = model, {}, str([])
+
+    def refresh(self, patches: dict):
+        h = str(sorted(patches))
+        if h == self.loaded_hash:
+            return
+        for k, w in self.backup.items():
+            setattr(self.model, k, w)
+        self.backup = {}
+        for k, delta in patches.values():
+            self.backup.setdefault(k, getattr(self.model, k))
+            setattr(self.model, k, nn.Parameter(getattr(self.model, k) + delta, requires_grad=False))
+        self.loaded_hash = h
+
+
+class SimPatcher:
+    def __init__(self, model: nn.Module, patches: dict | None = None):
+        self.model = model
+        self.patches = patches or {}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = SimLoraLoader(model)
+
+    def with_lora(self, name: str, delta: torch.Tensor) -> SimPatcher:
+        return SimPatcher(self.model, {**self.patches, name: ("weight", delta)})
+
+    def refresh_loras(self):
+        self.model.lora_loader.refresh(self.patches)
+
+
+def sim_load_models_gpu(patchers, **_):
+    for p in patchers:
+        p.refresh_loras()
+
+
+def sim_generate(sd_model, loras: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A generation as Forge's processing.py + sd_forge_lora do it, reduced to the LoRA bookkeeping."""
+    sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+    wanted = str(sorted(loras))
+    if sd_model.current_lora_hash != wanted:  # networks.load_networks
+        sd_model.current_lora_hash = wanted
+        unet = sd_model.forge_objects_original.unet
+        for name, delta in loras.items():
+            unet = unet.with_lora(name, delta)
+        sd_model.forge_objects.unet = unet
+        sd_model.forge_objects_after_applying_lora = sd_model.forge_objects.shallow_copy()
+    sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+    sim_load_models_gpu([sd_model.forge_objects.unet])  # sampling loads the UNet
+    return sd_model.forge_objects.unet.model.weight.detach().clone()
+
+
+def _sim_model():
+    layer = nn.Linear(3, 3, bias=False)
+    clean = layer.weight.detach().clone()
+    original = ForgeObjects(SimPatcher(layer))
+    sd_model = types.SimpleNamespace(
+        forge_objects=original.shallow_copy(),
+        forge_objects_original=original,
+        forge_objects_after_applying_lora=original.shallow_copy(),
+        current_lora_hash=str([]),
+    )
+    return sd_model, layer, clean
+
+
+def test_merged_host_lora_is_removed_and_not_merged_again():
+    delta = torch.full((3, 3), 0.5)
+    sd_model, layer, clean = _sim_model()
+    assert not torch.equal(sim_generate(sd_model, {"style": delta}), clean)
+    assert not torch.equal(layer.weight, clean), "without the fix training would start from merged weights"
+
+    restore_clean_weights(sd_model, sim_load_models_gpu)
+    assert torch.equal(layer.weight, clean)
+    assert sd_model.current_lora_hash == str([])
+    assert torch.equal(sim_generate(sd_model, {}), clean), "a generation without LoRA stays clean"
+    assert torch.equal(sim_generate(sd_model, {"style": delta}), clean + delta), "and the LoRA applies again"
+
+
+def test_resetting_only_the_hash_merges_the_old_lora_again():
+    """HOSTS.md section 4's recipe alone (load the original UNet, reset ``current_lora_hash``) is not
+    enough: ``forge_objects_after_applying_lora`` still holds the LoRA patcher, and the next
+    generation without a LoRA merges it back."""
+    delta = torch.full((3, 3), 0.5)
+    sd_model, layer, clean = _sim_model()
+    sim_generate(sd_model, {"style": delta})
+    sim_load_models_gpu([sd_model.forge_objects_original.unet])
+    sd_model.current_lora_hash = str([])
+    assert torch.equal(layer.weight, clean)
+    assert not torch.equal(sim_generate(sd_model, {}), clean)
+
+
+# -------------------------------------------------------------------------- small host pieces
+def test_noise_schedule_from_predictor():
+    pred = nn.Module()
+    pred.prediction_type = "v_prediction"
+    with torch.inference_mode():
+        pred.register_buffer("alphas_cumprod", torch.linspace(0.99, 0.01, 1000))
+    ptype, ac = noise_schedule(pred)
+    assert ptype == "v_prediction" and not ac.is_inference() and ac.dtype == torch.float32
+    assert noise_schedule(pred, "epsilon")[0] == "epsilon"
+    pred.prediction_type = "edm"
+    with pytest.raises(LoraTrainerError):
+        noise_schedule(pred)
+
+
+def test_state_mirror_progress_and_interrupt():
+    host = ForgeHost()
+    host.refresh_loras = lambda: refreshed.append(1)  # type: ignore[method-assign]
+    refreshed: list[int] = []
+    state = types.SimpleNamespace(interrupted=False, stopping_generation=False, job_count=0, job_no=0, textinfo="")
+    stop = StopControl()
+    mirror = _StateMirror(host, state, stop)
+    mirror(TrainingStarted(10, 2, 5, 4, ""))
+    mirror(StepEvent(3, 10, 1, 0.5, 0.4, {}, 1.0, 2.0))
+    assert (state.job_count, state.job_no) == (10, 3) and "step 3/10" in state.textinfo
+    mirror(FileSaved("/x/a-000001.safetensors", 1, 5, False))
+    assert refreshed == [1]
+    state.stopping_generation = True
+    mirror(StepEvent(4, 10, 1, 0.5, 0.4, {}, 1.0, 2.0))
+    assert stop.requested and stop.save
+    stop2 = StopControl()
+    state.stopping_generation, state.interrupted = False, True
+    _StateMirror(host, state, stop2)(StepEvent(5, 10, 1, 0.5, 0.4, {}, 1.0, 2.0))
+    assert stop2.requested and not stop2.save
+
+
+# ---------------------------------------------------------------- end to end, with fake Forge
+def _inplace_forward(self, x, context=None):
+    """ldm's transformer block with Forge's in-place residual adds (set on the instances' class)."""
+    n = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+    x += n
+    n = self.attn2(self.norm2(x), context=context)
+    x += n
+    skip = x
+    x = self.ff(self.norm3(x))
+    x += skip
+    return x
+
+
+LDM_UNET = dict(
+    image_size=8,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[1],
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=[32],
+    num_heads=4,
+    legacy=False,
+)
+
+
+def build_forge_unet(seed: int = 0) -> nn.Module:
+    """An LDM UNet with Forge's traits: in-place residual adds, Forge-style Linear, inference tensors."""
+    import contextlib
+    import io
+
+    openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    ldm_attention = pytest.importorskip("ldm.modules.attention")
+    inplace_block = type(
+        "InplaceTransformerBlock", (ldm_attention.BasicTransformerBlock,), {"_forward": _inplace_forward}
+    )
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        unet = openaimodel.UNetModel(**LDM_UNET).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():  # ldm zero-inits its output convs: make every weight matter
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    for m in unet.modules():
+        if type(m) is ldm_attention.BasicTransformerBlock:
+            m.__class__ = inplace_block
+    assert forgeify_linears(unet) > 0
+    unet.computation_dtype = torch.float32
+    unet.storage_dtype = torch.float32
+    return unet
+
+
+class FakePatcher:
+    def __init__(self, model, load_device="cpu"):
+        self.model = model
+        self.load_device = torch.device(load_device)
+        self.lora_patches: dict = {}
+
+    def refresh_loras(self):
+        pass
+
+    def memory_required(self, shape):
+        return 0
+
+
+class FakeFirstStage(nn.Module):
+    """Forge's VAE module interface (``encode(x, regulation)``, ``process_in``) over diffusers' VAE."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, x, regulation=None):
+        posterior = self.vae.encode(x).latent_dist
+        return regulation(posterior) if regulation is not None else posterior.sample()
+
+    def process_in(self, z):
+        return z * 0.18215
+
+
+class FakeEngine:
+    """Forge's ClassicTextProcessingEngine as far as training sees it: wraps the token embedding for
+    textual inversion (second reference), casts it to fp32 before each encode, clip skip."""
+
+    def __init__(self, clip_wrapper, tokenizer):
+        self.text_encoder = clip_wrapper
+        self.tokenizer = tokenizer
+        self.clip_skip = 1
+        self.minimal_clip_skip = 1
+        emb = clip_wrapper.transformer.text_model.embeddings
+        emb.token_embedding = TIWrapper(emb.token_embedding)
+
+    def __call__(self, texts):
+        emb = self.text_encoder.transformer.text_model.embeddings
+        emb.token_embedding = emb.token_embedding.to(dtype=torch.float32)
+        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = self.text_encoder.transformer(ids, output_hidden_states=True)
+        z = out.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
+        return self.text_encoder.transformer.text_model.final_layer_norm(z)
+
+
+def build_fake_sd_model(tiny_sd):
+    unet = build_forge_unet()
+    kmodel = nn.Module()
+    kmodel.diffusion_model = unet
+    kmodel.predictor = nn.Module()
+    kmodel.predictor.prediction_type = "epsilon"
+    from lora_trainer.model.sd import alphas_cumprod_from_config
+
+    kmodel.predictor.register_buffer("alphas_cumprod", alphas_cumprod_from_config(tiny_sd.scheduler_config))
+    kmodel.storage_dtype = torch.float32
+
+    clip_l = nn.Module()
+    clip_l.transformer = tiny_sd.text_encoder.eval()
+    forgeify_linears(clip_l)
+    cond_stage_model = nn.ModuleDict({"clip_l": clip_l})
+    engine = FakeEngine(clip_l, tiny_sd.tokenizer)
+    first_stage = FakeFirstStage(tiny_sd.vae.eval())
+    for m in (kmodel, cond_stage_model, first_stage):
+        as_inference_tensors(m)
+
+    unet_patcher = FakePatcher(kmodel)
+    clip = types.SimpleNamespace(cond_stage_model=cond_stage_model, patcher=FakePatcher(cond_stage_model))
+    vae = types.SimpleNamespace(
+        first_stage_model=first_stage,
+        patcher=FakePatcher(first_stage),
+        device=torch.device("cpu"),
+        vae_dtype=torch.float32,
+        memory_used_encode=lambda shape, dtype: 1,
+    )
+    original = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=vae)
+    original.shallow_copy = lambda: types.SimpleNamespace(
+        unet=original.unet, clip=original.clip, vae=original.vae, shallow_copy=original.shallow_copy
+    )
+    return types.SimpleNamespace(
+        is_sd1=True,
+        is_sd2=False,
+        is_sdxl=False,
+        forge_objects=original.shallow_copy(),
+        forge_objects_original=original,
+        forge_objects_after_applying_lora=original.shallow_copy(),
+        current_lora_hash="[('some.safetensors', 1.0, 1.0, False)]",
+        text_processing_engine=engine,
+        sd_checkpoint_info=types.SimpleNamespace(title="tiny [0000]", filename="/models/tiny.safetensors", sha256=None),
+    )
+
+
+class FakeState:
+    def __init__(self):
+        self.calls: list[str] = []
+        self.interrupted = False
+        self.stopping_generation = False
+        self.job_count = self.job_no = 0
+        self.textinfo = ""
+
+    def begin(self, job="(unknown)"):
+        self.calls.append(f"begin:{job}")
+
+    def end(self):
+        self.calls.append("end")
+
+
+@pytest.fixture
+def fake_forge(tiny_sd, tmp_path, monkeypatch):
+    """``modules``, ``modules_forge``, ``backend`` and ``networks`` as Forge has them, reduced."""
+    sd_model = build_fake_sd_model(tiny_sd)
+    log: list[tuple] = []
+
+    def load_models_gpu(patchers, memory_required=0, hard_memory_preservation=0):
+        log.append(("load", tuple(id(p) for p in patchers)))
+        for p in patchers:
+            p.refresh_loras()
+
+    shared = types.SimpleNamespace(
+        sd_model=sd_model,
+        cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path / "models" / "Lora")),
+        opts=types.SimpleNamespace(lora_trainer_subfolder="trained"),
+        state=FakeState(),
+    )
+    call_queue = types.SimpleNamespace(queue_lock=threading.Lock())
+    sd_models = types.SimpleNamespace(forge_model_reload=lambda: log.append(("reload",)))
+    main_thread = types.SimpleNamespace(
+        run_and_wait_result=lambda fn, *a, **k: (log.append(("main_thread",)), fn(*a, **k))[1]
+    )
+    mm = types.SimpleNamespace(load_models_gpu=load_models_gpu)
+    networks = types.SimpleNamespace(list_available_networks=lambda: log.append(("refresh",)))
+
+    modules = types.ModuleType("modules")
+    modules.shared, modules.call_queue, modules.sd_models = shared, call_queue, sd_models
+    modules_forge = types.ModuleType("modules_forge")
+    modules_forge.main_thread = main_thread
+    backend = types.ModuleType("backend")
+    backend.memory_management = mm
+    for name, mod in {
+        "modules": modules,
+        "modules.shared": shared,
+        "modules.call_queue": call_queue,
+        "modules.sd_models": sd_models,
+        "modules_forge": modules_forge,
+        "modules_forge.main_thread": main_thread,
+        "backend": backend,
+        "backend.memory_management": mm,
+        "networks": networks,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return types.SimpleNamespace(sd_model=sd_model, shared=shared, log=log)
+
+
+def run_in_thread(host: ForgeHost, cfg, bus: EventBus, stop: StopControl) -> None:
+    """As the training job does it: ``run`` in a background thread (not Forge's main thread)."""
+    box: dict = {}
+
+    def target():
+        try:
+            host.run(cfg, bus, stop)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    if "error" in box:
+        raise box["error"]
+
+
+def _forward_in_inference_mode(sd_model) -> torch.Tensor:
+    unet = sd_model.forge_objects_original.unet.model.diffusion_model
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        return unet(x, torch.tensor([500]), context=ctx, transformer_options={}).clone()
+
+
+def _host_state(sd_model):
+    roots = [sd_model.forge_objects_original.unet.model, sd_model.forge_objects_original.clip.cond_stage_model]
+    flags = [(k, p.requires_grad) for r in roots for k, p in r.named_parameters(remove_duplicate=False)]
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for r in roots for m in r.modules())
+    return flags, hooks
+
+
+def test_forge_host_trains_end_to_end(fake_forge, tiny_config):
+    from safetensors.torch import load_file
+
+    sd_model, log = fake_forge.sd_model, fake_forge.log
+    cfg = tiny_config.__class__(
+        **{**tiny_config.to_dict(), "cache_latents": False, "clip_skip": 2, "save_every_n_epochs": 1}
+    )
+    before = _forward_in_inference_mode(sd_model)
+    flags_before, hooks_before = _host_state(sd_model)
+    engine = sd_model.text_processing_engine
+
+    steps: list[int] = []
+    loads_at_step: list[int] = []
+    clip_skip_seen: list[int] = []
+
+    def listen(ev):
+        if isinstance(ev, StepEvent):
+            steps.append(ev.step)
+            loads_at_step.append(sum(1 for e in log if e[0] == "load"))
+            clip_skip_seen.append(engine.clip_skip)
+
+    run_in_thread(ForgeHost(), cfg, EventBus(listen), StopControl())
+
+    # files went to Forge's LoRA folder (+ sub-folder), one per epoch, and the list was refreshed after each
+    folder = Path(fake_forge.shared.cmd_opts.lora_dir) / "trained"
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert files == ["t-000001.safetensors", "t.safetensors"]
+    assert sum(1 for e in log if e == ("refresh",)) >= 2
+    sd = load_file(str(folder / "t.safetensors"))
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in sd), "diffusers-style SD1.5 names"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in sd)
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_up" in k), "the LoRA learned something"
+
+    # the model was (re)loaded on Forge's main thread; host LoRA state reset
+    assert log[0] == ("main_thread",) and log[1] == ("reload",)
+    assert sd_model.current_lora_hash == str([])
+    # placement: the UNet+CLIP load happens after the last VAE load, once, and never during the loop
+    unet_clip = (id(sd_model.forge_objects.unet), id(sd_model.forge_objects.clip.patcher))
+    vae = (id(sd_model.forge_objects.vae.patcher),)
+    loads = [e[1] for e in log if e[0] == "load"]
+    last_vae = max(i for i, p in enumerate(loads) if p == vae)
+    assert loads[last_vae + 1 :] == [unet_clip]
+    assert len(set(loads_at_step)) == 1 and steps == list(range(1, len(steps) + 1))
+    assert clip_skip_seen and set(clip_skip_seen) == {2} and engine.clip_skip == 1
+
+    # the host is as it was: progress ended, hooks gone, flags back, same output bit for bit
+    assert fake_forge.shared.state.calls == ["begin:lora_trainer", "end"]
+    assert fake_forge.shared.state.job_no == len(steps) and "saved" in fake_forge.shared.state.textinfo
+    flags_after, hooks_after = _host_state(sd_model)
+    assert flags_after == flags_before and hooks_after == hooks_before
+    assert torch.equal(_forward_in_inference_mode(sd_model), before)
+    # and Forge can still encode text in inference mode (the shared embedding reference was fixed)
+    with torch.inference_mode():
+        engine(["a photo"])
+
+
+@pytest.mark.parametrize("broken", ["detach_inference_tensors", "guard_inplace_residuals"])
+def test_forge_host_fails_without_each_fix(fake_forge, tiny_config, monkeypatch, broken):
+    import lora_trainer.hosts.forge as forge
+
+    if broken == "detach_inference_tensors":
+        monkeypatch.setattr(forge, broken, lambda module: 0)
+        match = INFERENCE_SAVE
+    else:
+        monkeypatch.setattr(forge, broken, lambda unet: lambda: None)
+        match = INPLACE
+    cfg = tiny_config.__class__(**{**tiny_config.to_dict(), "max_train_steps": 1})
+    with pytest.raises(RuntimeError) as info:
+        run_in_thread(ForgeHost(), cfg, EventBus(), StopControl())
+    chain, e = [], info.value
+    while e is not None:  # without the detach, restoring grad flags in the loop's finally fails too
+        chain.append(str(e))
+        e = e.__context__
+    assert any(match in m for m in chain), chain
+    assert fake_forge.shared.state.calls == ["begin:lora_trainer", "end"]
+
+
+def test_forge_host_gradient_checkpointing_matches(fake_forge, tiny_config):
+    """Activation checkpointing (our wrapper: Forge's own raises NotImplementedError) trains to the
+    same LoRA as without it."""
+    from safetensors.torch import load_file
+
+    base = {**tiny_config.to_dict(), "max_train_steps": 3, "save_precision": "float"}
+    out = []
+    for i, gc in enumerate((False, True)):
+        cfg = tiny_config.__class__(**{**base, "gradient_checkpointing": gc, "output_name": f"gc{i}"})
+        run_in_thread(ForgeHost(), cfg, EventBus(), StopControl())
+        out.append(load_file(str(Path(fake_forge.shared.cmd_opts.lora_dir) / "trained" / f"gc{i}.safetensors")))
+    assert out[0].keys() == out[1].keys()
+    for k in out[0]:
+        torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=1e-6)
+
+
+def test_forge_lora_targets_match_ldm_names(fake_forge):
+    unet = fake_forge.sd_model.forge_objects.unet.model.diffusion_model
+    targets = ldm_unet_lora_targets(unet, include_conv=False)
+    assert targets and any(not isinstance(t.module, nn.Linear) and is_linear(t.module) for t in targets)
+
+
+def test_lora_dir_and_subfolder(fake_forge):
+    host = ForgeHost()
+    root = Path(fake_forge.shared.cmd_opts.lora_dir)
+    assert host.lora_dir() == root / "trained"
+    fake_forge.shared.opts.lora_trainer_subfolder = ""
+    assert host.lora_dir() == root
+    fake_forge.shared.opts.lora_trainer_subfolder = "../elsewhere"
+    with pytest.raises(ConfigError):
+        host.lora_dir()
+
+
+def test_unsupported_models_are_refused(fake_forge, tiny_config):
+    from lora_trainer.train.runtime import Runtime
+
+    fake_forge.sd_model.is_sd1, fake_forge.sd_model.is_sdxl = False, True
+    with pytest.raises(LoraTrainerError, match="SDXL"):
+        ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+    fake_forge.sd_model.is_sdxl = False
+    with pytest.raises(LoraTrainerError, match="not Stable Diffusion"):
+        ForgeHost().model_bundle(tiny_config, Runtime("cpu"))

@@ -1,0 +1,455 @@
+"""End-to-end trial inside a real AUTOMATIC1111 WebUI (opt-in; skipped without one).
+
+Set ``LORA_TRAINER_A1111_DIR`` to an A1111 checkout (v1.10.x) whose ``venv/bin/python`` (or
+``LORA_TRAINER_A1111_PYTHON``) has its requirements and whose ``repositories/`` are present, e.g.::
+
+    LORA_TRAINER_A1111_DIR=/opt/a1111 pytest tests/test_host_trial_a1111.py -v
+
+The checkout is never changed: everything the run writes (config, models, extensions, outputs,
+Hugging Face cache) goes into a temporary ``--data-dir``; this repository is linked into its
+``extensions/`` folder. The host runs on CPU, headless, on a free 127.0.0.1 port, with the full UI
+and ``--api``, on a tiny SD1.5-shaped checkpoint built here (channels of 32: ldm's GroupNorm(32)),
+whose ``<checkpoint>.yaml`` points ldm's ``FrozenCLIPEmbedder`` at a local folder holding a tiny CLIP
+config and tokenizer (no download).
+
+What is checked, in order: the tab and the settings section load; a txt2img before training; a
+2-epoch training through ``/lora_trainer/v1/train`` (with the grid after training) polled through
+``/status``; both files listed by ``/sdapi/v1/loras``; ``<lora:name:1>`` changes the image; the same
+request without the LoRA is bit-identical to the one made before training; ``/sdapi/v1/progress``
+is idle at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+A1111_DIR = os.environ.get("LORA_TRAINER_A1111_DIR", "")
+START_TIMEOUT = float(os.environ.get("LORA_TRAINER_A1111_START_TIMEOUT", "900"))
+TRAIN_TIMEOUT = float(os.environ.get("LORA_TRAINER_A1111_TRAIN_TIMEOUT", "900"))
+
+
+def _host_python() -> str:
+    explicit = os.environ.get("LORA_TRAINER_A1111_PYTHON", "")
+    if explicit:
+        return explicit
+    return str(Path(A1111_DIR) / "venv" / "bin" / "python")
+
+
+def _skip_reason() -> str | None:
+    if not A1111_DIR:
+        return "LORA_TRAINER_A1111_DIR is not set (no AUTOMATIC1111 checkout to run this trial in)"
+    root = Path(A1111_DIR)
+    if not (root / "launch.py").is_file() or not (root / "modules").is_dir():
+        return f"LORA_TRAINER_A1111_DIR={A1111_DIR} is not an AUTOMATIC1111 checkout (no launch.py / modules/)"
+    if not Path(_host_python()).is_file():
+        return f"no Python for the WebUI at {_host_python()} (create {root}/venv or set LORA_TRAINER_A1111_PYTHON)"
+    ldm = root / "repositories" / "stable-diffusion-stability-ai" / "ldm" / "models" / "diffusion" / "ddpm.py"
+    if not ldm.is_file():
+        return f"{root}/repositories/ is not set up (no {ldm.relative_to(root)}); run the WebUI once with network first"
+    return None
+
+
+pytestmark = [pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+
+# --------------------------------------------------------------------------- the tiny checkpoint
+
+# diffusers configs whose LDM twins A1111 can build: every GroupNorm has 32 groups, so every
+# UNet / VAE width is a multiple of 32.
+UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,  # diffusers' SD1 naming: the number of heads
+    "norm_num_groups": 32,
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+CLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+CKPT_YAML = """\
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 8
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 8
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [ 1 ]
+        num_res_blocks: 1
+        channel_mult: [ 1, 2 ]
+        num_heads: 2
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 32
+        use_checkpoint: False
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 64
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [ 1, 1, 1, 1 ]
+          num_res_blocks: 1
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      params:
+        version: {clip_dir}
+"""
+
+
+def build_checkpoint(models_dir: Path, name: str = "tiny_sd15") -> Path:
+    """``models_dir/Stable-diffusion/<name>.safetensors`` + ``<name>.yaml``, and the CLIP config and
+    tokenizer folder the yaml points at. Deterministic (seeded)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_trainer.model.ldm_names import to_a1111_checkpoint
+    from lora_trainer.model.tiny import write_tiny_tokenizer
+
+    clip_dir = models_dir / "tiny_clip"
+    write_tiny_tokenizer(clip_dir)
+    tok = CLIPTokenizer.from_pretrained(str(clip_dir))
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    # a config.json transformers 4.30 (A1111's pin) reads: written by hand, not by a newer save_pretrained
+    (clip_dir / "config.json").write_text(
+        json.dumps({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **CLIP, **ids}, indent=1)
+    )
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET)
+    vae = AutoencoderKL(**VAE)
+    te = CLIPTextModel(CLIPTextConfig(**CLIP, **ids))
+    with torch.no_grad():
+        # a freshly initialised final LayerNorm gives hidden states of mean ~0, and A1111's default
+        # "Original" emphasis divides by that mean (NaN images); a trained CLIP's mean is far from 0
+        te.text_model.final_layer_norm.bias.fill_(1.0)
+    state = to_a1111_checkpoint(unet.state_dict(), vae.state_dict(), te.state_dict(), dict(unet.config), dict(vae.config))
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+    ckpt_dir = models_dir / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"{name}.safetensors"
+    save_file(state, str(ckpt))
+    ckpt.with_suffix(".yaml").write_text(CKPT_YAML.format(clip_dir=json.dumps(str(clip_dir))))
+    return ckpt
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, data_dir: Path):
+        self.proc = proc
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.data_dir = data_dir
+
+    def log_tail(self, n: int = 80) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+    def request(self, method: str, path: str, body=None, timeout: float = 600.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            status = e.code
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw.decode(errors="replace")
+        return status, payload
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return self.request("POST", path, {} if body is None else body, **kw)
+
+    def ok(self, method: str, path: str, body=None, **kw):
+        status, payload = self.request(method, path, body, **kw)
+        assert status == 200, f"{method} {path} -> {status}: {payload}\n--- WebUI log ---\n{self.log_tail()}"
+        return payload
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def a1111(tmp_path_factory):
+    root = Path(A1111_DIR).resolve()
+    data_dir = tmp_path_factory.mktemp("a1111_data")
+    ckpt = build_checkpoint(data_dir / "models")
+    (data_dir / "extensions").mkdir()
+    (data_dir / "extensions" / "lora_trainer").symlink_to(REPO, target_is_directory=True)
+    # user settings a headless CPU run needs: no live previews (their "Approx NN" model is a download)
+    (data_dir / "config.json").write_text(
+        json.dumps({"sd_model_checkpoint": ckpt.name, "live_previews_enable": False, "samples_save": False, "grid_save": False})
+    )
+
+    port = _free_port()
+    args = [
+        _host_python(), "launch.py",
+        "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
+        "--use-cpu", "all", "--no-half", "--precision", "full",
+        "--api", "--port", str(port),  # no --listen: 127.0.0.1 only
+        "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--no-download-sd-model",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HOME": str(data_dir / "hf_home"),  # never the user's cache
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        "COMMANDLINE_ARGS": "",
+        "PYTHONPATH": "",
+    }
+    env.pop("VIRTUAL_ENV", None)
+    log_path = data_dir / "webui.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(proc, port, log_path, data_dir)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the WebUI exited with {proc.returncode} while starting\n--- WebUI log ---\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the WebUI did not answer within {START_TIMEOUT:.0f} s\n--- WebUI log ---\n{server.log_tail()}")
+            try:
+                status, opts = server.get("/sdapi/v1/options", timeout=10)
+                if status == 200 and isinstance(opts, dict) and opts.get("sd_model_checkpoint"):
+                    status, models = server.get("/sdapi/v1/sd-models", timeout=10)
+                    if status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(2)
+        yield server
+    finally:
+        server.stop()
+        print(f"\n--- WebUI log (last lines) ---\n{server.log_tail(60)}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+TXT2IMG = {
+    "prompt": "ohwx ring, blue background",
+    "negative_prompt": "",
+    "seed": 1234,
+    "steps": 4,
+    "cfg_scale": 5.0,
+    "width": 64,
+    "height": 64,
+    "sampler_name": "Euler",
+    "batch_size": 1,
+    "n_iter": 1,
+    "send_images": True,
+    "save_images": False,
+}
+
+
+def _txt2img(server: Server, prompt: str) -> bytes:
+    """Decoded RGB pixels of one txt2img (PNG metadata left out of the comparison)."""
+    import io
+
+    from PIL import Image
+
+    out = server.ok("POST", "/sdapi/v1/txt2img", {**TXT2IMG, "prompt": prompt})
+    images = out.get("images") or []
+    assert len(images) == 1, f"txt2img returned {len(images)} images: {str(out)[:500]}"
+    img = Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[-1]))).convert("RGB")
+    assert img.size == (TXT2IMG["width"], TXT2IMG["height"])
+    px = img.tobytes()
+    assert len(set(px)) > 1, "txt2img gave a flat image (NaN latents?)"
+    return px
+
+
+def _digest(px: bytes) -> str:
+    return hashlib.sha256(px).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the trial
+
+state: dict = {}
+
+
+def test_tab_and_routes_registered(a1111):
+    """The extension loaded: its tab is in the UI, its settings exist, its routes answer."""
+    status, config = a1111.get("/config")
+    assert status == 200, f"/config -> {status}"
+    text = json.dumps(config)
+    assert "LoRA Trainer" in text and "tab_lora_trainer" in text, "the LoRA Trainer tab is not in the UI"
+    assert "lora_trainer_error" not in text, "the tab was replaced by its error panel\n" + a1111.log_tail()
+    opts = a1111.ok("GET", "/sdapi/v1/options")
+    for key in ("lora_trainer_subfolder", "lora_trainer_grid_after_training", "lora_trainer_unload_unused"):
+        assert key in opts, f"setting {key} is missing"
+    st = a1111.ok("GET", "/lora_trainer/v1/status")
+    assert st["running"] is False, st
+    # a bad option is refused up front, naming it
+    status, body = a1111.post("/lora_trainer/v1/train", {"network_dim": 0})
+    assert status == 422 and body.get("field") == "network_dim", (status, body)
+
+
+def test_train_through_rest_and_generate(a1111, tmp_path_factory):
+    from lora_trainer.demo import make_demo_dataset
+
+    prompt = "ohwx ring, blue background"
+    before = _txt2img(a1111, prompt)
+    state["before"] = before
+
+    data = make_demo_dataset(tmp_path_factory.mktemp("demo"), images=4, size=64, repeats=2)
+    name = "trial_ohwx"
+    cfg = {
+        "train_data_dir": str(data),
+        "output_name": name,
+        "resolution": 64,
+        "network_dim": 4,
+        "network_alpha": 4,
+        "max_train_epochs": 2,
+        "unet_lr": 1e-2,
+        "text_encoder_lr": 1e-3,
+        "lr_scheduler": "constant",
+        "seed": 1,
+        "grid_weights": "0, 1",
+        "grid_steps": 2,
+    }
+    started = a1111.ok("POST", "/lora_trainer/v1/train", cfg)
+    assert started.get("started") is True, started
+
+    deadline = time.monotonic() + TRAIN_TIMEOUT
+    seen_progress = False
+    while True:
+        st = a1111.ok("GET", "/lora_trainer/v1/status")
+        if st["running"]:
+            prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+            seen_progress = seen_progress or "LoRA" in str(prog.get("state", {}).get("job", "")) or "LoRA" in str(prog.get("textinfo", ""))
+        else:
+            break
+        assert time.monotonic() < deadline, f"training still running after {TRAIN_TIMEOUT:.0f} s: {st}"
+        time.sleep(1)
+    state["status"] = st
+    assert st["error"] in (None, ""), f"training failed: {st['error']}\nmessages: {st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
+    assert st["state"] in ("finished", "done", "completed"), st
+    files = [Path(f["path"]) for f in st["files"]]
+    assert [f.name for f in files] == [f"{name}-000001.safetensors", f"{name}.safetensors"], st["files"]
+    for f in files:
+        assert f.is_file(), f
+        assert f.parent.resolve() == (a1111.data_dir / "models" / "Lora").resolve(), f"{f} is not in the WebUI's Lora folder"
+
+    loras = a1111.ok("GET", "/sdapi/v1/loras")
+    listed = {item["name"] for item in loras}
+    for f in files:
+        assert f.stem in listed, f"{f.stem} is not in /sdapi/v1/loras: {sorted(listed)}"
+
+    with_lora = _txt2img(a1111, f"{prompt} <lora:{name}:1>")
+    after = _txt2img(a1111, prompt)
+    assert with_lora != after, "<lora:...:1> did not change the image"
+    assert after == before, (
+        f"the image without the LoRA changed after training (before {_digest(before)}, after {_digest(after)}): "
+        "the host model was not left as it was"
+    )
+    state["seen_progress"] = seen_progress
+
+
+def test_idle_at_the_end(a1111):
+    assert "status" in state, "the training test did not run"
+    prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+    job = prog.get("state", {})
+    assert prog.get("progress", 0) == 0, prog
+    assert not job.get("job"), f"the host still has a job: {job}"
+    assert not job.get("interrupted") and not job.get("skipped"), job
+    assert a1111.ok("GET", "/lora_trainer/v1/status")["running"] is False

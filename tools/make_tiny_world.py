@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Build the tiny world's pretrained SD1.5-architecture model (CPU, about 15 minutes on 2 cores).
+
+    python tools/make_tiny_world.py --out lora_trainer/assets/tiny_world
+
+1. VAE (SD's shape: 8x downsampling, 4 latent channels) trained as an autoencoder on world
+   pictures and on generic pictures of overlapping shapes; its latents are then rescaled
+   exactly (quant_conv / post_quant_conv) so SD's scaling factor 0.18215 gives unit variance.
+2. UNet and CLIP text encoder trained together from scratch on captioned world pictures ("a red
+   circle on a blue background"), with 10% empty captions for classifier-free guidance.
+3. A check: pictures sampled for world prompts are read back by the deterministic classifier.
+4. Saved in fp16 as a diffusers folder and, inside it, as an A1111-layout single file.
+
+Everything is seeded (``--seed``); the same seed and settings on the same torch build give the
+same model. ``build_info.json`` in the output folder records the settings, times and checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Threads that wait passively: on a machine shared with other processes, spinning OpenMP threads
+# make CPU training several times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lora_trainer.model.sd import DiffusersSD, alphas_cumprod_from_config  # noqa: E402
+from lora_trainer.model.tiny import SD_SCHEDULER, write_tiny_tokenizer  # noqa: E402
+from lora_trainer.world.drawing import (  # noqa: E402
+    OHWX,
+    concept_scene,
+    generic_picture,
+    random_scene,
+    render,
+    to_array,
+)
+from lora_trainer.world.model import RESOLUTION, SINGLE_FILE_NAME, WORLD_CLIP, WORLD_UNET, WORLD_VAE  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    el = time.time() - T0
+    print(f"[{int(el) // 60:02d}:{int(el) % 60:02d}] {msg}", flush=True)
+
+
+def to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ------------------------------------------------------------------------------------------ VAE
+def train_vae(args, rng: random.Random) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**WORLD_VAE)
+    with torch.no_grad():  # start with little posterior noise (std ~0.02): it learns many times faster
+        vae.quant_conv.bias[WORLD_VAE["latent_channels"] :] = -8.0
+    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.vae_steps} steps of {args.vae_batch}")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    recent: list[float] = []
+    crop_until = int(args.vae_steps * args.vae_crop_fraction)
+    for step in range(args.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50)
+        pics = []
+        for _ in range(args.vae_batch):
+            r = rng.random()
+            if r < 0.45:
+                pics.append(to_array(render(random_scene(rng), RESOLUTION)))
+            else:
+                pics.append(to_array(generic_picture(rng, RESOLUTION)))
+        x = to_tensor(pics)
+        if step < crop_until:  # a fully convolutional net: half-size crops teach it 4x cheaper
+            c = RESOLUTION // 2
+            ox, oy = rng.randrange(0, RESOLUTION - c + 1, 8), rng.randrange(0, RESOLUTION - c + 1, 8)
+            x = x[:, :, oy : oy + c, ox : ox + c]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn_like(post.mean)
+        rec = vae.decode(z).sample
+        kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        recent.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.vae_steps:
+            el = time.time() - t0
+            log(
+                f"VAE step {step + 1}/{args.vae_steps} loss {sum(recent) / len(recent):.4f} "
+                f"({el:.0f} s, eta {el / (step + 1) * (args.vae_steps - step - 1):.0f} s)"
+            )
+            recent.clear()
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def rescale_latents(vae, rng: random.Random) -> float:
+    """Scale the latent space exactly so that ``latents * 0.18215`` has unit variance, as in SD."""
+    x = to_tensor([to_array(render(random_scene(rng), RESOLUTION)) for _ in range(256)])
+    std = float(vae.encode(x).latent_dist.mean.std())
+    k = (1.0 / WORLD_VAE["scaling_factor"]) / std
+    c = WORLD_VAE["latent_channels"]
+    qc, pqc = vae.quant_conv, vae.post_quant_conv
+    qc.weight[:c] *= k
+    qc.bias[:c] *= k
+    qc.bias[c:] += 2 * math.log(k)  # logvar of k * z
+    pqc.weight /= k
+    check = float(vae.encode(x).latent_dist.mean.std()) * WORLD_VAE["scaling_factor"]
+    log(f"latents rescaled by {k:.3f}: std of scaled latents {check:.3f}")
+    return k
+
+
+@torch.no_grad()
+def vae_check(vae, rng: random.Random) -> dict:
+    """Reconstruct world pictures and pictures of the (unseen) concept; read them back."""
+    from lora_trainer.world.detect import find_concept, read_picture
+
+    scenes = [random_scene(rng) for _ in range(64)]
+    x = to_tensor([to_array(render(s, RESOLUTION)) for s in scenes])
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    world = float(np.mean([read_picture(im).matches(s.shape, s.colour, s.background) for im, s in zip(imgs, scenes)]))
+    cx = to_tensor([to_array(render(concept_scene(rng, OHWX), RESOLUTION)) for _ in range(32)])
+    crec = vae.decode(vae.encode(cx).latent_dist.mean).sample
+    cimgs = ((crec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    concept = float(np.mean([find_concept(im, OHWX).found for im in cimgs]))
+    mae = float((rec - x).abs().mean() * 127.5)
+    log(f"VAE check: world pictures read right {world:.0%}, concept found in {concept:.0%} of reconstructions, MAE {mae:.1f}/255")
+    return {"world_read_back": world, "concept_read_back": concept, "mae_255": mae}
+
+
+# ----------------------------------------------------------------------------------- UNet + TE
+def train_unet_te(args, vae, tokenizer, rng: random.Random):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    log(f"encoding {args.images} world pictures")
+    scenes = [random_scene(rng) for _ in range(args.images)]
+    lat_list = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 256):
+            x = to_tensor([to_array(render(s, RESOLUTION)) for s in scenes[i : i + 256]])
+            lat_list.append(vae.encode(x).latent_dist.mean * WORLD_VAE["scaling_factor"])
+    latents = torch.cat(lat_list)
+    log(f"latents {tuple(latents.shape)}, std {float(latents.std()):.3f}")
+
+    torch.manual_seed(args.seed + 1)
+    unet = UNet2DConditionModel(**WORLD_UNET)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **WORLD_CLIP,
+        )
+    )
+    n_u = sum(p.numel() for p in unet.parameters())
+    n_t = sum(p.numel() for p in te.parameters())
+    log(f"UNet {n_u / 1e6:.2f}M, text encoder {n_t / 1e6:.2f}M parameters; {args.unet_steps} steps of {args.unet_batch}")
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ac = alphas_cumprod_from_config(SD_SCHEDULER)
+    snr = ac / (1 - ac)
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def tokens(captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in token_cache:
+                token_cache[c] = tokenizer(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+        return torch.stack([token_cache[c] for c in captions])
+
+    variants = ("full",) * 7 + ("no_colour", "no_background", "empty")
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    unet.train()
+    te.train()
+    t0 = time.time()
+    recent: list[float] = []
+    for step in range(args.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, 100)
+        idx = torch.randint(0, len(scenes), (args.unet_batch,), generator=gen)
+        x0 = latents[idx]
+        captions = [scenes[i].caption(rng.choice(variants)) for i in idx.tolist()]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, len(ac), (x0.shape[0],), generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = te(tokens(captions))[0]
+        pred = unet(x_t, t, encoder_hidden_states=cond).sample
+        w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-5 weighting (epsilon target)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        recent.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.unet_steps:
+            el = time.time() - t0
+            log(
+                f"UNet+TE step {step + 1}/{args.unet_steps} loss {sum(recent) / len(recent):.4f} "
+                f"({el:.0f} s, eta {el / (step + 1) * (args.unet_steps - step - 1):.0f} s)"
+            )
+            recent.clear()
+    unet.eval()
+    te.eval()
+    return unet, te
+
+
+# ----------------------------------------------------------------------------------------- save
+def save(parts: DiffusersSD, out: Path) -> dict:
+    from safetensors.torch import save_file
+
+    from lora_trainer.model.ldm_names import to_a1111_checkpoint
+    from lora_trainer.model.tiny import save_diffusers_folder
+
+    for m in (parts.unet, parts.vae, parts.text_encoder):
+        m.to(torch.float16)
+    if out.exists():
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    save_diffusers_folder(parts, out)
+    ckpt = to_a1111_checkpoint(
+        parts.unet.state_dict(),
+        parts.vae.state_dict(),
+        parts.text_encoder.state_dict(),
+        dict(parts.unet.config),
+        dict(parts.vae.config),
+    )
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, out / SINGLE_FILE_NAME, metadata={"format": "pt"})
+    for m in (parts.unet, parts.vae, parts.text_encoder):
+        m.to(torch.float32)
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="lora_trainer/assets/tiny_world")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-5)
+    p.add_argument("--vae-crop-fraction", type=float, default=0.7, help="part of the VAE steps on 32x32 crops")
+    p.add_argument("--images", type=int, default=12000, help="world pictures the UNet learns from")
+    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--min-snr", type=float, default=5.0)
+    p.add_argument("--check-samples", type=int, default=56, help="world prompts sampled and read back at the end")
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    log(f"tiny world: seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads -> {out}")
+
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="tiny_world_tok_"))
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+
+    t_vae = time.time()
+    vae = train_vae(args, rng)
+    rescale_latents(vae, rng)
+    t_vae = time.time() - t_vae
+    checks = {"vae": vae_check(vae, random.Random(args.seed + 100))}
+
+    t_unet = time.time()
+    unet, te = train_unet_te(args, vae, tokenizer, rng)
+    t_unet = time.time() - t_unet
+
+    parts = DiffusersSD(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULER), name="tiny_world")
+    from lora_trainer.world.sample import Sampler
+    from lora_trainer.world.score import world_accuracy
+
+    sampler = Sampler.from_parts(parts)
+    acc = world_accuracy(sampler, n=args.check_samples, seed=1000)
+    log(
+        f"check: {acc.accuracy:.0%} of {acc.n} sampled world pictures read right "
+        f"(shape {acc.shape:.0%}, colour {acc.colour:.0%}, background {acc.background:.0%})"
+    )
+    checks["world_fp32"] = acc.as_dict()
+    sizes = save(parts, out)
+    from lora_trainer.world.model import load_tiny_world
+
+    acc16 = world_accuracy(Sampler.from_parts(load_tiny_world(out)), n=args.check_samples, seed=1000)
+    log(f"check after the fp16 round trip: {acc16.accuracy:.0%} read right")
+    checks["world_fp16"] = acc16.as_dict()
+    total = time.time() - T0
+    info = {
+        "command": "python tools/make_tiny_world.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": {"vae": round(t_vae, 1), "unet_text_encoder": round(t_unet, 1), "total": round(total, 1)},
+        "parameters": {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "vae": sum(p.numel() for p in vae.parameters()),
+            "text_encoder": sum(p.numel() for p in te.parameters()),
+        },
+        "checks": checks,
+        "file_bytes": sizes,
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"saved to {out}: {sum(sizes.values()) / 1e6:.1f} MB in {len(sizes)} files; total {total / 60:.1f} min")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
