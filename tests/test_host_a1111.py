@@ -228,6 +228,29 @@ def build_fake_sd_model(tok_dir: Path) -> FakeSDModel:
     return sd
 
 
+class FakeFIFOLock:
+    """The hosts' ``modules.fifo_lock.FIFOLock`` signature: ``acquire(blocking=True)``, no timeout."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True):
+        return self._lock.acquire(blocking)
+
+    def release(self):
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def install_fake_webui(monkeypatch, root: Path, sd_model=None) -> SimpleNamespace:
     """A fake ``modules`` package (shared, call_queue, script_callbacks) and ``networks`` in sys.modules."""
     modules = types.ModuleType("modules")
@@ -240,7 +263,7 @@ def install_fake_webui(monkeypatch, root: Path, sd_model=None) -> SimpleNamespac
     shared.models_path = str(root / "models")
     shared.sd_model = sd_model
     call_queue = types.ModuleType("modules.call_queue")
-    call_queue.queue_lock = threading.Lock()
+    call_queue.queue_lock = FakeFIFOLock()
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.registered = {"ui_tabs": [], "ui_settings": [], "app_started": []}
     callbacks.on_ui_tabs = callbacks.registered["ui_tabs"].append

@@ -28,6 +28,7 @@ from lora_trainer.hosts.forge import (
     _StateMirror,
     checkpoint_unet_blocks,
     detach_inference_tensors,
+    effective_mixed_precision,
     guard_inplace_residuals,
     noise_schedule,
     restore_clean_weights,
@@ -184,7 +185,7 @@ def test_detach_inference_tensors_makes_backward_work_and_keeps_values_and_shari
 
     n = detach_inference_tensors(model)
 
-    # 6 distinct parameters (the shared embedding weight once) + 2 biases... counted exactly:
+    # every distinct tensor once (the shared embedding weight too, although it has two names)
     distinct = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     assert n == len(distinct)
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
@@ -508,6 +509,15 @@ def test_noise_schedule_from_predictor():
     pred.prediction_type = "edm"
     with pytest.raises(LoraTrainerError):
         noise_schedule(pred)
+
+
+def test_mixed_precision_follows_a_half_precision_unet_on_cuda():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert effective_mixed_precision("no", cuda, torch.float16) == "fp16"  # loss scaling for an fp16 UNet
+    assert effective_mixed_precision("no", cuda, torch.bfloat16) == "bf16"
+    assert effective_mixed_precision("no", cuda, torch.float32) == "no"
+    assert effective_mixed_precision("no", cpu, torch.float16) == "no"
+    assert effective_mixed_precision("bf16", cuda, torch.float16) == "bf16"
 
 
 def test_state_mirror_progress_and_interrupt():

@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -372,7 +373,9 @@ class A1111Host:
         lock = call_queue.queue_lock
         if not lock.acquire(blocking=False):
             events.info("waiting for the WebUI to finish the current generation")
-            while not lock.acquire(timeout=0.5):
+            # the host's queue lock (FIFOLock) takes no timeout: poll, so that Stop still works
+            while not lock.acquire(blocking=False):
+                time.sleep(0.2)
                 if stop.requested:
                     events.info("stopped before training began")
                     return
