@@ -33,17 +33,20 @@ from .train.events import (
     ValidationLoss,
 )
 
-IDLE, PREPARING, CACHING, TRAINING, GRID, DONE, STOPPED, FAILED = (
+IDLE, PREPARING, CACHING, TRAINING, FINISHING, GRID, DONE, STOPPED, FAILED = (
     "idle",
     "preparing",
     "caching latents",
     "training",
+    "finishing",
     "building grid",
     "done",
     "stopped",
     "failed",
 )
-RUNNING_STATES = (PREPARING, CACHING, TRAINING, GRID)
+# "finishing": the loop has ended but the host still holds the model and the queue lock (releasing,
+# refreshing the LoRA list, starting the grid). The job is running until its thread returns.
+RUNNING_STATES = (PREPARING, CACHING, TRAINING, FINISHING, GRID)
 
 
 class JobBusy(LoraTrainerError):
@@ -150,6 +153,7 @@ class TrainingJob:
         self._stop: StopControl | None = None
         self._history: deque = deque(maxlen=self.HISTORY)
         self._messages: deque = deque(maxlen=self.MESSAGES)
+        self._training_stopped: bool | None = None
 
     # -- control ---------------------------------------------------------------------
     def start(self, cfg: TrainConfig) -> None:
@@ -162,6 +166,7 @@ class TrainingJob:
             self._history.clear()
             self._messages.clear()
             self._status = JobStatus(state=PREPARING)
+            self._training_stopped: bool | None = None
             self._started = time.time()
             self._thread = threading.Thread(target=self._main, args=(cfg, self._stop), name="lora_trainer-job", daemon=True)
             self._thread.start()
@@ -206,10 +211,9 @@ class TrainingJob:
             self._fail(msg, traceback.format_exc())
         else:
             with self._lock:
-                if self._status.state == GRID:  # training had finished; a stop only cut the grid short
-                    self._status = replace(self._status, state=DONE)
-                elif self._status.state not in (DONE, STOPPED):
-                    self._status = replace(self._status, state=STOPPED if stop.requested else DONE)
+                # a stop during the grid only cut the grid short: the training itself finished
+                stopped = self._training_stopped if self._training_stopped is not None else stop.requested
+                self._status = replace(self._status, state=STOPPED if stopped else DONE, eta=0.0)
 
     def _fail(self, message: str, detail: str | None = None) -> None:
         with self._lock:
@@ -264,7 +268,8 @@ class TrainingJob:
             elif isinstance(ev, Message):
                 self._messages.append(("warning: " if ev.level == "warning" else "") + ev.text)
             elif isinstance(ev, TrainingFinished):
-                s = replace(s, state=STOPPED if ev.stopped else DONE, eta=0.0, elapsed=ev.seconds)
+                self._training_stopped = ev.stopped
+                s = replace(s, state=FINISHING, eta=0.0)
                 self._messages.append(("stopped" if ev.stopped else "finished") + f" after {ev.steps} steps in {ev.seconds:.0f} s")
             self._status = replace(s, messages=tuple(self._messages))
 

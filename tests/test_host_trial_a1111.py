@@ -1,22 +1,27 @@
 """End-to-end trial inside a real AUTOMATIC1111 WebUI (opt-in; skipped without one).
 
 Set ``LORA_TRAINER_A1111_DIR`` to an A1111 checkout (v1.10.x) whose ``venv/bin/python`` (or
-``LORA_TRAINER_A1111_PYTHON``) has its requirements and whose ``repositories/`` are present, e.g.::
+``LORA_TRAINER_A1111_PYTHON``) has its requirements (``clip`` included) and whose ``repositories/``
+are present (the WebUI's first start clones them), e.g.::
 
     LORA_TRAINER_A1111_DIR=/opt/a1111 pytest tests/test_host_trial_a1111.py -v
 
 The checkout is never changed: everything the run writes (config, models, extensions, outputs,
-Hugging Face cache) goes into a temporary ``--data-dir``; this repository is linked into its
-``extensions/`` folder. The host runs on CPU, headless, on a free 127.0.0.1 port, with the full UI
-and ``--api``, on a tiny SD1.5-shaped checkpoint built here (channels of 32: ldm's GroupNorm(32)),
-whose ``<checkpoint>.yaml`` points ldm's ``FrozenCLIPEmbedder`` at a local folder holding a tiny CLIP
-config and tokenizer (no download).
+Hugging Face cache) goes into a temporary ``--data-dir``, whose ``extensions/lora_trainer`` links
+to this repository's files. The host runs on CPU (``--use-cpu all --no-half --precision full``),
+headless, with the full UI and ``--api`` on a free 127.0.0.1 port, and ``--skip-prepare-environment``
+(no network: install.py is run on its own, as the host runs it). The model is a tiny SD1.5-shaped
+checkpoint built here (widths of 32: ldm's GroupNorm(32); two res blocks per level, as A1111's LoRA
+key conversion assumes) whose ``<checkpoint>.yaml`` points ldm's ``FrozenCLIPEmbedder`` at a local
+folder with a tiny CLIP config and tokenizer (no download).
 
-What is checked, in order: the tab and the settings section load; a txt2img before training; a
-2-epoch training through ``/lora_trainer/v1/train`` (with the grid after training) polled through
-``/status``; both files listed by ``/sdapi/v1/loras``; ``<lora:name:1>`` changes the image; the same
-request without the LoRA is bit-identical to the one made before training; ``/sdapi/v1/progress``
-is idle at the end.
+Checked: install.py changes nothing in the host's environment; the tab, the settings and the routes
+load; a txt2img before training; a 2-epoch training through ``/lora_trainer/v1/train`` with the grid
+after it, polled through ``/status`` (which must not say "not running" before the job has ended);
+both files in ``/sdapi/v1/loras`` with SD1 metadata and distinct aliases, every key matched by the
+host's Lora extension; ``<lora:name:1>`` changes the image and the same request without it is
+bit-identical to the one before training; the same after ``/stop``, ``/stop_and_save`` and the host's
+Interrupt; at the end ``/sdapi/v1/progress`` is idle, Clip skip is as it was, the log has no traceback.
 """
 
 from __future__ import annotations
@@ -73,7 +78,9 @@ UNET = {
     "in_channels": 4,
     "out_channels": 4,
     "block_out_channels": [32, 64],
-    "layers_per_block": 1,
+    # 2 as in SD1.5: A1111's Lora extension turns kohya's diffusers-style names into LDM ones
+    # assuming 3 input/output blocks per level (networks.convert_diffusers_name_to_compvis)
+    "layers_per_block": 2,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 32,
@@ -129,7 +136,7 @@ model:
         out_channels: 4
         model_channels: 32
         attention_resolutions: [ 1 ]
-        num_res_blocks: 1
+        num_res_blocks: 2
         channel_mult: [ 1, 2 ]
         num_heads: 2
         use_spatial_transformer: True
@@ -176,7 +183,12 @@ def build_checkpoint(models_dir: Path, name: str = "tiny_sd15") -> Path:
     clip_dir = models_dir / "tiny_clip"
     write_tiny_tokenizer(clip_dir)
     tok = CLIPTokenizer.from_pretrained(str(clip_dir))
-    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    ids = {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     # a config.json transformers 4.30 (A1111's pin) reads: written by hand, not by a newer save_pretrained
     (clip_dir / "config.json").write_text(
         json.dumps({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **CLIP, **ids}, indent=1)
@@ -190,7 +202,9 @@ def build_checkpoint(models_dir: Path, name: str = "tiny_sd15") -> Path:
         # a freshly initialised final LayerNorm gives hidden states of mean ~0, and A1111's default
         # "Original" emphasis divides by that mean (NaN images); a trained CLIP's mean is far from 0
         te.text_model.final_layer_norm.bias.fill_(1.0)
-    state = to_a1111_checkpoint(unet.state_dict(), vae.state_dict(), te.state_dict(), dict(unet.config), dict(vae.config))
+    state = to_a1111_checkpoint(
+        unet.state_dict(), vae.state_dict(), te.state_dict(), dict(unet.config), dict(vae.config)
+    )
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
 
     ckpt_dir = models_dir / "Stable-diffusion"
@@ -217,12 +231,16 @@ class Server:
         self.log_path = log_path
         self.data_dir = data_dir
 
-    def log_tail(self, n: int = 80) -> str:
+    def log_text(self) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
+            return ""
+
+    def log_tail(self, n: int = 80) -> str:
+        """The last lines of the WebUI's output, without its DEBUG lines and progress bars."""
+        lines = [ln for ln in self.log_text().splitlines() if " DEBUG [" not in ln and "it/s]" not in ln]
+        return "\n".join(lines[-n:]) or "(no log)"
 
     def request(self, method: str, path: str, body=None, timeout: float = 600.0):
         data = None if body is None else json.dumps(body).encode()
@@ -272,11 +290,18 @@ def a1111(tmp_path_factory):
     root = Path(A1111_DIR).resolve()
     data_dir = tmp_path_factory.mktemp("a1111_data")
     ckpt = build_checkpoint(data_dir / "models")
-    (data_dir / "extensions").mkdir()
-    (data_dir / "extensions" / "lora_trainer").symlink_to(REPO, target_is_directory=True)
+    # the extension as a user's clone has it, linked entry by entry: without .git (a clone with no
+    # 'origin' remote makes A1111 print a traceback) and without the virtual environment
+    ext = data_dir / "extensions" / "lora_trainer"
+    ext.mkdir(parents=True)
+    for entry in ("install.py", "scripts", "javascript", "style.css", "lora_trainer", "README.md", "pyproject.toml"):
+        if (REPO / entry).exists():
+            (ext / entry).symlink_to(REPO / entry)
     # user settings a headless CPU run needs: no live previews (their "Approx NN" model is a download)
     (data_dir / "config.json").write_text(
-        json.dumps({"sd_model_checkpoint": ckpt.name, "live_previews_enable": False, "samples_save": False, "grid_save": False})
+        json.dumps(
+            {"sd_model_checkpoint": ckpt.name, "live_previews_enable": False, "samples_save": False, "grid_save": False}
+        )
     )
 
     port = _free_port()
@@ -286,6 +311,7 @@ def a1111(tmp_path_factory):
         "--use-cpu", "all", "--no-half", "--precision", "full",
         "--api", "--port", str(port),  # no --listen: 127.0.0.1 only
         "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--no-download-sd-model",
+        "--loglevel", "DEBUG",  # the Lora extension reports unmatched LoRA keys at DEBUG only
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -306,9 +332,13 @@ def a1111(tmp_path_factory):
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"the WebUI exited with {proc.returncode} while starting\n--- WebUI log ---\n{server.log_tail()}")
+                pytest.fail(
+                    f"the WebUI exited with {proc.returncode} while starting\n--- WebUI log ---\n{server.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"the WebUI did not answer within {START_TIMEOUT:.0f} s\n--- WebUI log ---\n{server.log_tail()}")
+                pytest.fail(
+                    f"the WebUI did not answer within {START_TIMEOUT:.0f} s\n--- WebUI log ---\n{server.log_tail()}"
+                )
             try:
                 status, opts = server.get("/sdapi/v1/options", timeout=10)
                 if status == 200 and isinstance(opts, dict) and opts.get("sd_model_checkpoint"):
@@ -358,6 +388,10 @@ def _txt2img(server: Server, prompt: str) -> bytes:
     return px
 
 
+def _transitions(seen: list) -> list:
+    return [x for i, x in enumerate(seen) if i == 0 or seen[i - 1] != x]
+
+
 def _digest(px: bytes) -> str:
     return hashlib.sha256(px).hexdigest()[:16]
 
@@ -365,6 +399,26 @@ def _digest(px: bytes) -> str:
 # --------------------------------------------------------------------------- the trial
 
 state: dict = {}
+
+
+def test_install_py_changes_nothing():
+    """install.py, run as the host runs it (cwd = WebUI root, its modules importable), installs nothing
+    into a WebUI that already has what we need."""
+    root = Path(A1111_DIR).resolve()
+    env = {**os.environ, "PYTHONPATH": str(root), "COMMANDLINE_ARGS": ""}
+    env.pop("VIRTUAL_ENV", None)
+
+    def freeze() -> str:
+        out = subprocess.run([_host_python(), "-m", "pip", "freeze"], cwd=root, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    before = freeze()
+    run = subprocess.run(
+        [_host_python(), str(REPO / "install.py")], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, f"install.py failed:\n{run.stdout}\n{run.stderr}"
+    assert freeze() == before, f"install.py changed the WebUI's packages:\n{run.stdout}"
 
 
 def test_tab_and_routes_registered(a1111):
@@ -388,6 +442,7 @@ def test_train_through_rest_and_generate(a1111, tmp_path_factory):
     from lora_trainer.demo import make_demo_dataset
 
     prompt = "ohwx ring, blue background"
+    state["clip_skip"] = a1111.ok("GET", "/sdapi/v1/options").get("CLIP_stop_at_last_layers")
     before = _txt2img(a1111, prompt)
     state["before"] = before
 
@@ -404,45 +459,155 @@ def test_train_through_rest_and_generate(a1111, tmp_path_factory):
         "text_encoder_lr": 1e-3,
         "lr_scheduler": "constant",
         "seed": 1,
+        "clip_skip": 2,  # the host's option is 1: set for the run, put back after it
         "grid_weights": "0, 1",
         "grid_steps": 2,
     }
+    log_mark = len(a1111.log_text())
     started = a1111.ok("POST", "/lora_trainer/v1/train", cfg)
     assert started.get("started") is True, started
 
     deadline = time.monotonic() + TRAIN_TIMEOUT
-    seen_progress = False
+    seen = []  # (state, grid done/total) as polled
     while True:
         st = a1111.ok("GET", "/lora_trainer/v1/status")
-        if st["running"]:
-            prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
-            seen_progress = seen_progress or "LoRA" in str(prog.get("state", {}).get("job", "")) or "LoRA" in str(prog.get("textinfo", ""))
-        else:
+        seen.append((st["state"], st["grid"]["done"], st["grid"]["total"]))
+        if not st["running"]:
             break
         assert time.monotonic() < deadline, f"training still running after {TRAIN_TIMEOUT:.0f} s: {st}"
-        time.sleep(1)
+        time.sleep(0.1)
+    # a job that says it is no longer running has ended: nothing of it changes any more (checked at
+    # the end of this test, so that the checks below still run and report)
+    premature = None
+    for _ in range(5):
+        time.sleep(0.3)
+        again = a1111.ok("GET", "/lora_trainer/v1/status")
+        if again["running"] or (again["state"], again["grid"], again["files"]) != (
+            st["state"],
+            st["grid"],
+            st["files"],
+        ):
+            premature = (
+                f"the status said running=false ({st['state']}, grid {st['grid']}) while the job went on: "
+                f"then {again['state']}, grid {again['grid']}; states polled: {_transitions(seen)}"
+            )
+            st = _wait_until_idle(a1111, name, TRAIN_TIMEOUT)
+            break
     state["status"] = st
-    assert st["error"] in (None, ""), f"training failed: {st['error']}\nmessages: {st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
-    assert st["state"] in ("finished", "done", "completed"), st
+    print(
+        "\ntraining status:",
+        json.dumps(
+            {k: st[k] for k in ("state", "step", "total_steps", "epoch", "loss", "files", "messages", "grid")}, indent=1
+        ),
+    )
+    assert st["error"] in (None, ""), (
+        f"training failed: {st['error']}\nmessages: {st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
+    )
+    assert st["state"] == "done", st
+    assert st["step"] == st["total_steps"] == 16 and st["epoch"] == 2, st  # 4 images x 2 repeats x 2 epochs
+    grid = st["grid"]
+    assert grid["total"] == 4 and grid["done"] == grid["total"], f"grid: {grid}"  # 2 files x weights 0, 1
+    assert grid["path"] and Path(grid["path"]).is_file(), f"grid: {grid}"
     files = [Path(f["path"]) for f in st["files"]]
     assert [f.name for f in files] == [f"{name}-000001.safetensors", f"{name}.safetensors"], st["files"]
     for f in files:
         assert f.is_file(), f
-        assert f.parent.resolve() == (a1111.data_dir / "models" / "Lora").resolve(), f"{f} is not in the WebUI's Lora folder"
+        assert f.parent.resolve() == (a1111.data_dir / "models" / "Lora").resolve(), (
+            f"{f} is not in the WebUI's Lora folder"
+        )
 
-    loras = a1111.ok("GET", "/sdapi/v1/loras")
-    listed = {item["name"] for item in loras}
+    loras = {item["name"]: item for item in a1111.ok("GET", "/sdapi/v1/loras")}
     for f in files:
-        assert f.stem in listed, f"{f.stem} is not in /sdapi/v1/loras: {sorted(listed)}"
+        assert f.stem in loras, f"{f.stem} is not in /sdapi/v1/loras: {sorted(loras)}"
+        meta = loras[f.stem].get("metadata") or {}
+        assert meta.get("ss_base_model_version", "").startswith("sd_v1"), (
+            f"{f.name}: {meta.get('ss_base_model_version')}"
+        )
+    aliases = [loras[f.stem]["alias"] for f in files]
+    assert len(set(aliases)) == len(aliases), f"duplicate LoRA aliases: {aliases}"
 
     with_lora = _txt2img(a1111, f"{prompt} <lora:{name}:1>")
+    new_log = a1111.log_text()[log_mark:]  # the grid after training loaded the files first
+    for bad in ("didn't match keys", f"Network {name} layer", "Couldn't find network", "Traceback"):
+        assert bad not in new_log, f"the WebUI's Lora extension said {bad!r}:\n{new_log[-3000:]}"
     after = _txt2img(a1111, prompt)
     assert with_lora != after, "<lora:...:1> did not change the image"
     assert after == before, (
         f"the image without the LoRA changed after training (before {_digest(before)}, after {_digest(after)}): "
         "the host model was not left as it was"
     )
-    state["seen_progress"] = seen_progress
+    assert premature is None, premature
+
+
+def _start_and_wait_for_steps(a1111: Server, name: str, data: Path, steps: int = 2) -> dict:
+    cfg = {
+        "train_data_dir": str(data),
+        "output_name": name,
+        "resolution": 64,
+        "network_dim": 4,
+        "max_train_epochs": 200,  # long: it is stopped early
+        "lr_scheduler": "constant",
+        "seed": 2,
+    }
+    a1111.ok("POST", "/lora_trainer/v1/train", cfg)
+    deadline = time.monotonic() + TRAIN_TIMEOUT
+    while True:
+        st = a1111.ok("GET", "/lora_trainer/v1/status")
+        assert st["running"] or st["state"] == "done", f"{name}: the run ended before it could be stopped: {st}"
+        if st["step"] >= steps:
+            return st
+        assert time.monotonic() < deadline, f"{name}: no step after {TRAIN_TIMEOUT:.0f} s: {st}"
+        time.sleep(0.2)
+
+
+def _wait_until_idle(a1111: Server, name: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = a1111.ok("GET", "/lora_trainer/v1/status")
+        if not st["running"]:
+            return st
+        assert time.monotonic() < deadline, f"{name}: still running {timeout:.0f} s after the stop: {st}"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("how", ["stop", "stop_and_save", "interrupt"])
+def test_stopping_leaves_the_host_as_it_was(a1111, tmp_path_factory, how):
+    """/stop discards, /stop_and_save writes the final file, the host's own Interrupt stops the run;
+    each time generation is unlocked afterwards and gives the image it gave before training."""
+    assert "before" in state, "the training test did not run"
+    data = make_demo_dataset_once(tmp_path_factory)
+    name = f"trial_{how}"
+    _start_and_wait_for_steps(a1111, name, data)
+    if how == "interrupt":
+        a1111.ok("POST", "/sdapi/v1/interrupt")
+    else:
+        out = a1111.ok("POST", f"/lora_trainer/v1/{how}")
+        assert out["stopping"] is True, out
+    st = _wait_until_idle(a1111, name)
+    assert st["state"] == "stopped", st
+    assert st["error"] in (None, ""), st
+    final = a1111.data_dir / "models" / "Lora" / f"{name}.safetensors"
+    if how == "stop_and_save":
+        assert final.is_file(), f"stop_and_save wrote no {final.name}: {st['files']}"
+        assert any(f["final"] and Path(f["path"]) == final for f in st["files"]), st["files"]
+        listed = {item["name"] for item in a1111.ok("GET", "/sdapi/v1/loras")}
+        assert name in listed, f"{name} is not in /sdapi/v1/loras"
+    else:
+        assert not final.exists(), f"{how} wrote the final file {final.name}"
+    assert st["grid"]["total"] == 0, f"a grid was built after {how}: {st['grid']}"
+    after = _txt2img(a1111, TXT2IMG["prompt"])
+    assert after == state["before"], f"after {how}, the image without a LoRA differs from the one before training"
+
+
+_demo_cache: dict = {}
+
+
+def make_demo_dataset_once(tmp_path_factory) -> Path:
+    from lora_trainer.demo import make_demo_dataset
+
+    if "data" not in _demo_cache:
+        _demo_cache["data"] = make_demo_dataset(tmp_path_factory.mktemp("demo_stop"), images=4, size=64, repeats=2)
+    return _demo_cache["data"]
 
 
 def test_idle_at_the_end(a1111):
@@ -453,3 +618,8 @@ def test_idle_at_the_end(a1111):
     assert not job.get("job"), f"the host still has a job: {job}"
     assert not job.get("interrupted") and not job.get("skipped"), job
     assert a1111.ok("GET", "/lora_trainer/v1/status")["running"] is False
+    opts = a1111.ok("GET", "/sdapi/v1/options")
+    assert opts.get("CLIP_stop_at_last_layers") == state["clip_skip"], "the host's Clip skip option was left changed"
+    log = a1111.log_text()
+    for bad in ("didn't match keys", "Traceback"):
+        assert bad not in log, f"the WebUI log has {bad!r}"

@@ -109,3 +109,25 @@ def test_grid_is_built_automatically_after_training(tiny_sd, tiny_config):
     x, y = cell_origin(params, row=0, col=0)
     assert cell_tag_from_png(s.grid_path, x + 3, y + 3) == "<lora:t-000001:0>"
     assert cell_tag_from_png(s.grid_path, 1, 1) is None
+
+
+def test_running_until_the_host_has_finished(tiny_sd, tiny_config):
+    """Status must not say 'not running' while the host still holds the model (grid, release):
+    a client that sees running=False may start the next job at once."""
+    release = threading.Event()
+    host = StandaloneHost(tiny_sd)
+
+    def run(cfg, events, stop):
+        host.run(cfg, events, stop)
+        release.wait(30)  # the host is still busy after the loop's TrainingFinished
+
+    job = TrainingJob(run)
+    tiny_config.max_train_epochs = 1
+    job.start(tiny_config)
+    assert _wait_for(lambda: job.status().state == "finishing")
+    s = job.status()
+    assert s.running and s.as_dict()["running"] is True
+    with pytest.raises(JobBusy):
+        job.start(tiny_config)
+    release.set()
+    assert job.wait(60).state == DONE and not job.status().running
