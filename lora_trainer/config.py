@@ -63,6 +63,12 @@ class TrainConfig:
     keep_tokens: int = _f(0, "dataset", "Leading tags never shuffled or dropped", min=0)
     caption_dropout_rate: float = _f(0.0, "dataset", "Probability of training an image with an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = _f(0.0, "dataset", "Probability of dropping each tag (after keep_tokens)", min=0.0, max=1.0)
+    enable_bucket: bool = _f(False, "dataset", "Aspect-ratio buckets: train each image near its own shape instead of a centre square")
+    min_bucket_reso: int = _f(256, "dataset", "Smallest bucket side in pixels", min=32, multiple=8)
+    max_bucket_reso: int = _f(1024, "dataset", "Largest bucket side in pixels", min=64, multiple=8)
+    bucket_reso_steps: int = _f(64, "dataset", "Bucket sides are multiples of this (64 as kohya)", min=8, multiple=8)
+    bucket_no_upscale: bool = _f(False, "dataset", "Never enlarge an image to fill a bucket: small images get smaller buckets")
+    validation_loss: bool = _f(True, "dataset", "Measure a validation loss after every epoch (fixed noise and timesteps)")
     validation_split: float = _f(
         0.0, "dataset", "Fraction of images held out for the validation loss (0 = measure on training images)", min=0.0, max=0.5
     )
@@ -79,6 +85,7 @@ class TrainConfig:
     learning_rate: float = _f(1e-4, "optimizer", "Base learning rate (used where unet_lr / text_encoder_lr are 0)", min=0.0)
     unet_lr: float = _f(1e-4, "optimizer", "UNet learning rate", min=0.0)
     text_encoder_lr: float = _f(5e-5, "optimizer", "Text encoder learning rate", min=0.0)
+    text_encoder2_lr: float = _f(0.0, "optimizer", "SDXL second text encoder learning rate (0 = same as text_encoder_lr)", min=0.0)
     lr_scheduler: str = _f("cosine_with_restarts", "optimizer", "Learning-rate schedule", choices=SCHEDULERS)
     lr_scheduler_num_cycles: int = _f(3, "optimizer", "Restarts of cosine_with_restarts", min=1)
     lr_scheduler_power: float = _f(1.0, "optimizer", "Power of the polynomial schedule", min=0.0)
@@ -93,6 +100,9 @@ class TrainConfig:
     attention: str = _f("sdpa", "training", "Attention kernel", choices=ATTENTION)
     cache_latents: bool = _f(True, "training", "Encode every image once before training")
     cache_latents_to_disk: bool = _f(False, "training", "Keep the latent cache in .npz files next to the images")
+    cache_text_encoder_outputs: bool = _f(
+        False, "training", "Encode every caption once before training (needs train_text_encoder, shuffle and dropout off)"
+    )
     seed: int = _f(42, "training", "Random seed (same seed, same file on CPU)", min=0)
     noise_offset: float = _f(0.0, "training", "Noise offset (0 = off; 0.05-0.1 typical)", min=0.0, max=1.0)
     min_snr_gamma: float = _f(0.0, "training", "Min-SNR weighting gamma (0 = off; 5 typical)", min=0.0)
@@ -227,6 +237,10 @@ class TrainConfig:
     @property
     def effective_text_encoder_lr(self) -> float:
         return self.text_encoder_lr or self.learning_rate
+
+    @property
+    def effective_text_encoder2_lr(self) -> float:
+        return self.text_encoder2_lr or self.effective_text_encoder_lr
 
 
 def _closest(name: str, candidates: Any) -> str | None:

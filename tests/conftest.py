@@ -48,4 +48,5 @@ def tiny_config(demo_data, tmp_path):
         lr_scheduler="constant",
         seed=1,
         grid_after_training=False,  # the grid has its own tests
+        validation_loss=False,  # so has the validation loss (it adds forward passes that spies would count)
     )

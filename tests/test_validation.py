@@ -11,6 +11,7 @@ from lora_trainer.train.validation import choose_validation
 
 
 def _run(parts, cfg):
+    cfg.validation_loss = True
     seen = []
     result = train(cfg, make_sd_bundle(parts), EventBus(seen.append))
     return result, seen
@@ -70,7 +71,7 @@ def test_best_epoch_is_marked_on_the_grid(tiny_sd, tiny_config):
     from lora_trainer.job import DONE, TrainingJob
 
     cfg = tiny_config.with_overrides(
-        ["grid_after_training=true", "grid_weights=1", "grid_steps=2", "max_train_epochs=3", "unet_lr=0.005"]
+        ["validation_loss=true", "grid_after_training=true", "grid_weights=1", "grid_steps=2", "max_train_epochs=3", "unet_lr=0.005"]
     )
     job = TrainingJob(StandaloneHost(tiny_sd).run)
     job.start(cfg)

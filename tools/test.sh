@@ -3,6 +3,8 @@
 # gradio 3.41.2 (A1111) and 4.40.0 (Forge), with a real browser when Debian's chromium is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# passive OpenMP waits: spinning threads make small CPU models several times slower on a busy machine
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 bash tools/setup.sh "standalone,test,optimizers"
 . .venv/bin/activate
 # stable-diffusion-sdkit ships the `ldm` UNet A1111 holds; its own pins are ancient, so no deps

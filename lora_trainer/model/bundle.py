@@ -51,6 +51,12 @@ class ModelBundle:
     set_attention: Callable[[str], None] = lambda kind: None
     release: Callable[[], None] = lambda: None
     """Called when training ends, to give back what the bundle took (hooks, placement)."""
+    condition: Callable[[Any, list[tuple[int, ...]] | None], Any] = lambda cond, sizes: cond
+    """Adds per-image size conditioning to ``encode_text``'s output. ``sizes``: one
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per image, in pixels. SDXL turns
+    them into ``time_ids``; SD1/SD2 ignore them (the default)."""
+    concat_conditions: Callable[[list[Any]], Any] = torch.cat
+    """Joins ``encode_text`` outputs of sub-batches into one (text-encoder output cache)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -25,19 +25,42 @@ def cache_path(image: Path) -> Path:
     return image.with_name(image.stem + CACHE_SUFFIX)
 
 
-def cache_key(image: Path, resolution: int, background: tuple[int, int, int], vae_id: str) -> str:
+def cache_key(
+    image: Path, resolution: int, background: tuple[int, int, int], vae_id: str, geometry: tuple | None = None
+) -> str:
     h = hashlib.sha256(image.read_bytes()).hexdigest()
-    return f"v1|{h}|{resolution}|{background}|{vae_id}"
+    key = f"v1|{h}|{resolution}|{background}|{vae_id}"
+    if geometry is not None:  # a bucketed crop: keyed by its bucket size and crop offsets
+        oh, ow, top, left, th, tw = geometry
+        key += f"|bucket {tw}x{th} crop {left},{top}"
+    return key
+
+
+def _load(p: Path, resolution: int, background: tuple[int, int, int], geometry: tuple | None):
+    if geometry is None:
+        return load_image(p, resolution, background)
+    from ..dataset.buckets import load_cropped
+
+    return load_cropped(p, geometry, background)
 
 
 def encode_batch(
-    encode: Callable, paths: list[Path], resolution: int, background: tuple[int, int, int]
+    encode: Callable,
+    paths: list[Path],
+    resolution: int,
+    background: tuple[int, int, int],
+    geometries: list[tuple] | None = None,
 ) -> torch.Tensor:
     """Latents of ``paths``, encoded one image at a time: batched convolutions round differently from
     single ones, and an image's latent must not depend on its batch neighbours (a cached run and an
-    uncached one, or two batch sizes, must give the same file)."""
+    uncached one, or two batch sizes, must give the same file). ``geometries`` (bucketed training):
+    the crop of each image, see :mod:`lora_trainer.dataset.buckets`; all of one batch share a size."""
+    geoms = geometries or [None] * len(paths)
     return torch.cat(
-        [encode(image_to_tensor(load_image(p, resolution, background)).unsqueeze(0), None).float().cpu() for p in paths]
+        [
+            encode(image_to_tensor(_load(p, resolution, background, g)).unsqueeze(0), None).float().cpu()
+            for p, g in zip(paths, geoms)
+        ]
     )
 
 
@@ -50,14 +73,15 @@ def build_latent_cache(
     to_disk: bool,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 4,
+    geometries: list[tuple] | None = None,
 ) -> list[torch.Tensor]:
-    """One latent per path, in order."""
+    """One latent per path, in order (of each image's bucket size when ``geometries`` are given)."""
     out: list[torch.Tensor | None] = [None] * len(paths)
     todo: list[int] = []
     keys: dict[int, str] = {}
     for i, p in enumerate(paths):
         if to_disk:
-            keys[i] = cache_key(p, resolution, background, vae_id)
+            keys[i] = cache_key(p, resolution, background, vae_id, geometries[i] if geometries else None)
             cp = cache_path(p)
             if cp.is_file():
                 try:
@@ -73,7 +97,10 @@ def build_latent_cache(
         progress(done, len(paths))
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        lat = encode_batch(encode, [paths[i] for i in idx], resolution, background)
+        lat = [
+            encode_batch(encode, [paths[i]], resolution, background, [geometries[i]] if geometries else None)[0]
+            for i in idx
+        ]
         for j, i in enumerate(idx):
             out[i] = lat[j].clone()
             if to_disk:
@@ -91,3 +118,42 @@ def _write_npz(path: Path, latents: torch.Tensor, key: str) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(buf.getvalue())
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- text-encoder outputs
+
+
+def check_text_encoder_cache(cfg) -> None:
+    """The text-encoder output cache holds one encoding per caption: it is wrong whenever a caption's
+    encoding changes during training. Refuse those combinations before anything is loaded."""
+    if not getattr(cfg, "cache_text_encoder_outputs", False):
+        return
+    from ..errors import ConfigError
+
+    reasons = []
+    if cfg.train_text_encoder:
+        reasons.append("train_text_encoder is on (the encoders' LoRA changes their outputs every step)")
+    if cfg.shuffle_caption:
+        reasons.append("shuffle_caption is on (the caption changes every step)")
+    if cfg.caption_dropout_rate > 0:
+        reasons.append("caption_dropout_rate is above 0")
+    if cfg.caption_tag_dropout_rate > 0:
+        reasons.append("caption_tag_dropout_rate is above 0")
+    if reasons:
+        raise ConfigError(
+            "cache_text_encoder_outputs",
+            True,
+            "off, or train_text_encoder, shuffle_caption and caption dropout off: cached captions cannot change, but "
+            + "; ".join(reasons),
+        )
+
+
+@torch.no_grad()
+def build_text_encoder_cache(encode_text: Callable, captions: list[str]) -> dict[str, object]:
+    """One ``encode_text`` output per distinct caption (batch of one), computed once without grad."""
+    out: dict[str, object] = {}
+    for c in captions:
+        if c not in out:
+            cond = encode_text([c])
+            out[c] = cond.detach() if hasattr(cond, "detach") else cond
+    return out

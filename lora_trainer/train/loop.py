@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..dataset import DatasetScan, parse_color, process_caption, scan_dataset
+from ..dataset.buckets import check_bucket_config, plan_buckets
 from ..dataset.steps import describe_steps, total_steps
 from ..errors import ConfigError, LoraTrainerError, TrainingStopped
 from ..model.bundle import ModelBundle
 from ..network import SAVE_DTYPES, LoRANetwork, save_lora_file
-from .cache import build_latent_cache, encode_batch
+from .cache import build_latent_cache, build_text_encoder_cache, check_text_encoder_cache, encode_batch
 from .events import (
     CachingProgress,
     EpochEnd,
@@ -90,6 +91,8 @@ def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool 
     """Everything that can be checked before a model is loaded: the config, the dataset, and that
     no existing LoRA file would be overwritten. Returns the dataset scan for :func:`train`."""
     cfg.validate()
+    check_text_encoder_cache(cfg)
+    check_bucket_config(cfg)
     scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning if events else None)
     output_dir = Path(cfg.output_dir)
     clash = existing_outputs(output_dir, cfg.output_name)
@@ -132,6 +135,37 @@ def train(
     held_out = sum(repeats[i] for i in val_indices) if val_held_out else 0
     total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size, held_out)
     summary = describe_steps(scan, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps)
+    # every image's bucket and crop (one square bucket without enable_bucket); the crop geometry is
+    # also the size conditioning the bundle may use (SDXL), so it is planned for every run
+    buckets = plan_buckets(
+        [e.path for e in entries],
+        cfg.resolution,
+        cfg.enable_bucket,
+        cfg.min_bucket_reso,
+        cfg.max_bucket_reso,
+        cfg.bucket_reso_steps,
+        cfg.bucket_no_upscale,
+    )
+    geometries = [p.geometry for p in buckets.images] if cfg.enable_bucket else None
+    batches_per_epoch = math.ceil(math.ceil(scan.num_samples / runtime.world_size) / cfg.train_batch_size)
+    if cfg.enable_bucket:
+        if runtime.world_size > 1:
+            raise ConfigError("enable_bucket", True, "off when training with several processes (not supported yet)")
+        val_set = set(val_indices) if val_held_out else set()
+        counts = {i: r for i, r in enumerate(repeats) if i not in val_set}
+        batches_per_epoch = buckets.num_batches(counts, cfg.train_batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+        if cfg.max_train_steps:
+            total = cfg.max_train_steps
+            epochs = math.ceil(total / steps_per_epoch)
+        else:
+            epochs = cfg.max_train_epochs
+            total = epochs * steps_per_epoch
+        summary += (
+            f"\nbuckets: batches never mix buckets, so an epoch has {batches_per_epoch} batches: "
+            f"{steps_per_epoch} steps per epoch, {total} steps"
+        )
+        events.info(buckets.report([r for r in repeats]))
     if runtime.world_size > 1:
         summary += f"\n{runtime.world_size} processes: each trains {steps_per_epoch} steps per epoch on its share"
 
@@ -171,8 +205,9 @@ def train(
         dataset_dirs=scan.dataset_dirs(),
         tag_frequency=scan.tag_frequency(),
         world_size=runtime.world_size,
-        batches_per_epoch=math.ceil(math.ceil(scan.num_samples / runtime.world_size) / cfg.train_batch_size),
+        batches_per_epoch=batches_per_epoch,
         cache_latents=cfg.cache_latents or cfg.cache_latents_to_disk,
+        bucket_info=buckets.info() if cfg.enable_bucket else None,
     )
 
     def save(epoch: int, step: int, final: bool) -> None:
@@ -214,11 +249,12 @@ def train(
                 bundle.vae_id,
                 cfg.cache_latents_to_disk,
                 progress=caching_progress,
+                geometries=geometries,
             )
 
         optimizer = build_optimizer(
             cfg.optimizer,
-            network.param_groups(cfg.effective_unet_lr, cfg.effective_text_encoder_lr),
+            _param_groups(network, cfg),
             cfg.optimizer_args,
             cfg.learning_rate,
         )
@@ -231,11 +267,32 @@ def train(
         def latents_of(idx: list[int]) -> torch.Tensor:
             if latents is not None:
                 return torch.stack([latents[i] for i in idx])
-            return encode_batch(bundle.encode_images, [entries[i].path for i in idx], cfg.resolution, background)
+            return encode_batch(
+                bundle.encode_images,
+                [entries[i].path for i in idx],
+                cfg.resolution,
+                background,
+                [geometries[i] for i in idx] if geometries else None,
+            )
 
-        validate = Validator(bundle, latents_of, [e.caption for e in entries], val_indices, cfg.seed, runtime.autocast)
+        validate = Validator(
+            bundle,
+            latents_of,
+            [e.caption for e in entries],
+            val_indices,
+            cfg.seed,
+            runtime.autocast,
+            batch_size=1 if cfg.enable_bucket else 4,  # one image at a time: buckets differ in size
+        )
+        text_cache = None
+        if cfg.cache_text_encoder_outputs:
+            events.info(f"caching text-encoder outputs of {len({e.caption for e in entries})} captions")
+            with runtime.autocast():
+                text_cache = build_text_encoder_cache(bundle.encode_text, [e.caption for e in entries])
 
         def emit_validation(epoch: int) -> None:
+            if not cfg.validation_loss:
+                return
             v = validate()
             result.validation_losses[epoch] = v
             events.emit(ValidationLoss(epoch, v, val_held_out, len(val_indices)))
@@ -250,7 +307,7 @@ def train(
             order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             order = [samples[i] for i in torch.randperm(len(samples), generator=order_gen).tolist()]
             mine = list(runtime.shard(order))
-            batches = [mine[i : i + cfg.train_batch_size] for i in range(0, len(mine), cfg.train_batch_size)]
+            batches = buckets.batches(mine, cfg.train_batch_size)  # plain chunks of `mine` when there is one bucket
             epoch_losses: list[float] = []
             accum_losses: list[float] = []
             optimizer.zero_grad(set_to_none=True)
@@ -259,12 +316,7 @@ def train(
                 if stop.requested:
                     interrupted = True
                     break
-                if latents is not None:
-                    x0 = torch.stack([latents[i] for i in batch]).to(bundle.device)
-                else:
-                    x0 = encode_batch(bundle.encode_images, [entries[i].path for i in batch], cfg.resolution, background).to(
-                        bundle.device
-                    )
+                x0 = latents_of(batch).to(bundle.device)
                 captions = [
                     process_caption(
                         entries[i].caption,
@@ -284,8 +336,12 @@ def train(
                 x_t = add_noise(x0, noise, t, bundle.alphas_cumprod)
                 target = target_for(bundle.prediction_type, x0, noise, t, bundle.alphas_cumprod)
                 with runtime.autocast():
-                    with torch.set_grad_enabled(cfg.train_text_encoder):
-                        cond = bundle.encode_text(captions)
+                    if text_cache is not None:
+                        cond = bundle.concat_conditions([text_cache[c] for c in captions])
+                    else:
+                        with torch.set_grad_enabled(cfg.train_text_encoder):
+                            cond = bundle.encode_text(captions)
+                    cond = bundle.condition(cond, [buckets.images[i].geometry for i in batch])
                     pred = bundle.predict(x_t.to(bundle.dtype), t, cond)
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.min_snr_gamma:
@@ -349,6 +405,21 @@ def train(
     events.emit(TrainingFinished([str(p) for p in result.files], result.stopped, result.steps, result.seconds))
     result.network = network
     return result
+
+
+def _param_groups(network: LoRANetwork, cfg: TrainConfig) -> list[dict]:
+    """UNet and text-encoder groups; the second text encoder (``lora_te2_``, SDXL) gets its own group
+    with ``text_encoder2_lr`` (0 = the first encoder's rate)."""
+    groups = network.param_groups(cfg.effective_unet_lr, cfg.effective_text_encoder_lr)
+    te2 = [p for m in network.loras if m.lora_name.startswith("lora_te2_") for p in m.parameters()]
+    if not te2:
+        return groups
+    ids = {id(p) for p in te2}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    groups = [g for g in groups if g["params"]]
+    groups.append({"params": te2, "lr": cfg.effective_text_encoder2_lr, "name": "text_encoder2"})
+    return groups
 
 
 def _deterministic_ids() -> bool:

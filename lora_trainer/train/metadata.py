@@ -23,6 +23,8 @@ class RunInfo:
     world_size: int = 1
     batches_per_epoch: int = 0
     cache_latents: bool = True
+    bucket_info: dict | None = None
+    """kohya's ``ss_bucket_info`` when aspect-ratio buckets are on."""
 
 
 def build_metadata(
@@ -77,7 +79,7 @@ def build_metadata(
         "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(cfg.caption_tag_dropout_rate),
         "ss_cache_latents": str(run.cache_latents),
-        "ss_enable_bucket": "False",
+        "ss_enable_bucket": str(cfg.enable_bucket),
         "ss_max_token_length": "None",
         "ss_prior_loss_weight": "1.0",
         "ss_dataset_dirs": json.dumps(run.dataset_dirs, ensure_ascii=False),
@@ -95,4 +97,12 @@ def build_metadata(
         "modelspec.prediction_type": "v" if bundle.prediction_type == "v_prediction" else "epsilon",
         "modelspec.encoder_layer": str(cfg.clip_skip),
     }
+    if cfg.enable_bucket:
+        meta["ss_min_bucket_reso"] = str(cfg.min_bucket_reso)
+        meta["ss_max_bucket_reso"] = str(cfg.max_bucket_reso)
+        meta["ss_bucket_no_upscale"] = str(cfg.bucket_no_upscale)
+        if run.bucket_info is not None:
+            meta["ss_bucket_info"] = json.dumps(run.bucket_info)
+    if bundle.family == "sdxl" and cfg.train_text_encoder:
+        meta["ss_text_encoder_lr"] = json.dumps([cfg.effective_text_encoder_lr, cfg.effective_text_encoder2_lr])
     return meta
