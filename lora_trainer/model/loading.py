@@ -27,7 +27,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def import_diffusers_lean(need_bitsandbytes: bool = False) -> None:
     """Import diffusers without its optional bitsandbytes and peft integrations.
 
-    diffusers imports both at start-up when they are installed (quantizers, hooks), which costs
+    diffusers imports them (and scipy) at start-up when they are installed (quantizers, hooks), which costs
     about a second and 50 MiB before the first training step; training uses neither (our LoRA is
     our own module, AdamW8bit imports bitsandbytes itself when chosen). Called by the command
     line before loading; does nothing if diffusers is already imported (inside a WebUI).
@@ -36,7 +36,7 @@ def import_diffusers_lean(need_bitsandbytes: bool = False) -> None:
 
     if "diffusers" in sys.modules:
         return
-    hidden = [name for name in ("peft", "bitsandbytes") if name not in sys.modules]
+    hidden = [name for name in ("peft", "bitsandbytes", "scipy") if name not in sys.modules]
     if need_bitsandbytes:
         hidden = [n for n in hidden if n != "bitsandbytes"]
     for name in hidden:
