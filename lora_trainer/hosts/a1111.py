@@ -16,7 +16,6 @@ traps are is written up in docs/HOSTS.md; the ones handled here:
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import logging
 import os
@@ -33,6 +32,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 from ..model.bundle import ModelBundle
+from ..model.ldm import checkpoint_ldm_unet_blocks
 from ..network.targets import TEXT_CONTAINERS, Target, find_targets
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
@@ -143,14 +143,6 @@ def _temporary_option(opts: Any, key: str, value: Any) -> Iterator[bool]:
             data.pop(key, None)
 
 
-def _checkpointed(fn, *args, **kwargs):
-    if torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    return fn(*args, **kwargs)
-
-
 class _HostModelState:
     """What training changes on the host's modules, and how to put it back (called by ``bundle.release``)."""
 
@@ -158,7 +150,7 @@ class _HostModelState:
         self.unet = unet
         self.modes = [(m, m.training) for m in [unet, *others]]
         self.ldm_flags: list[tuple[nn.Module, str, bool]] = []
-        self.wrapped_blocks: list[tuple[nn.Module, Any]] = []
+        self._undo_checkpointing = None
         for m in unet.modules():
             for attr in ("use_checkpoint", "checkpoint"):
                 v = m.__dict__.get(attr)
@@ -173,30 +165,12 @@ class _HostModelState:
         for m, attr, _ in self.ldm_flags:
             setattr(m, attr, False)
 
-    def blocks(self) -> list[nn.Module]:
-        u = self.unet
-        out: list[nn.Module] = []
-        for name in ("input_blocks", "middle_block", "output_blocks"):
-            part = getattr(u, name, None)
-            if isinstance(part, nn.ModuleList):
-                out.extend(part)
-            elif isinstance(part, nn.Module):
-                out.append(part)
-        return out
-
     def gradient_checkpointing(self, on: bool) -> None:
-        if on and not self.wrapped_blocks:
-            for block in self.blocks():
-                previous = block.__dict__.get("forward")
-                block.forward = functools.partial(_checkpointed, block.forward)
-                self.wrapped_blocks.append((block, previous))
-        elif not on:
-            for block, previous in self.wrapped_blocks:
-                if previous is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = previous
-            self.wrapped_blocks.clear()
+        if on and self._undo_checkpointing is None:
+            self._undo_checkpointing = checkpoint_ldm_unet_blocks(self.unet)
+        elif not on and self._undo_checkpointing is not None:
+            self._undo_checkpointing()
+            self._undo_checkpointing = None
 
     def restore(self) -> None:
         self.gradient_checkpointing(False)

@@ -24,7 +24,6 @@ function below, tested on its own (tests/test_host_forge.py):
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import threading
@@ -40,6 +39,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 from ..model.bundle import ModelBundle
+from ..model.ldm import checkpoint_ldm_unet_blocks, ldm_unet_blocks
 from ..network.targets import TEXT_CONTAINERS, Target, find_targets
 from ..train.events import (
     CachingProgress,
@@ -146,39 +146,10 @@ def guard_inplace_residuals(unet: nn.Module) -> Callable[[], None]:
     return _Undo(h.remove for h in handles)
 
 
-def _checkpointed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
-        return fn(*args, **kwargs)
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-
-
-def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's top-level blocks (LDM layout): the units activation checkpointing wraps."""
-    blocks: list[nn.Module] = []
-    for name in ("input_blocks", "middle_block", "output_blocks"):
-        part = getattr(unet, name, None)
-        if isinstance(part, nn.ModuleList):
-            blocks.extend(part)
-        elif isinstance(part, nn.Module):
-            blocks.append(part)
-    return blocks
-
-
-def checkpoint_unet_blocks(unet: nn.Module) -> Callable[[], None]:
-    """Activation checkpointing for an LDM-layout UNet whose own switch cannot be used (Forge's
-    ``checkpoint()`` raises NotImplementedError): each top-level block's ``forward`` is replaced by
-    a non-reentrant checkpoint of itself, on the instance only. Use it together with
-    :func:`guard_inplace_residuals` (the recomputation repeats the in-place adds). Returns a
-    function that puts the original ``forward`` back."""
-    undo: list[Callable[[], None]] = []
-    for block in unet_blocks(unet):
-        if "forward" in vars(block):
-            continue  # already wrapped (or patched by someone else: leave it alone)
-        block.forward = functools.partial(_checkpointed, block.forward)
-        undo.append(functools.partial(vars(block).pop, "forward", None))
-    return _Undo(undo)
+# Activation checkpointing of the LDM blocks is shared with the A1111 adapter (model/ldm.py);
+# with Forge use it together with guard_inplace_residuals (the recomputation repeats the in-place adds).
+unet_blocks = ldm_unet_blocks
+checkpoint_unet_blocks = checkpoint_ldm_unet_blocks
 
 
 # ----------------------------------------------------------------------- (d) host LoRAs merged

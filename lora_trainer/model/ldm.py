@@ -7,6 +7,11 @@ tested against diffusers' own converter). No diffusers import: hosts may lack it
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
 from torch import nn
 
 from ..network.targets import UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, Target, find_targets
@@ -33,3 +38,43 @@ def ldm_unet_lora_targets(ldm_unet: nn.Module, include_conv: bool, config: dict 
         UNET_CONV_CONTAINERS if include_conv else frozenset(),
         name_map=name_map,
     )
+
+
+def ldm_unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's top-level blocks (LDM layout): the units activation checkpointing wraps."""
+    blocks: list[nn.Module] = []
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        part = getattr(unet, name, None)
+        if isinstance(part, nn.ModuleList):
+            blocks.extend(part)
+        elif isinstance(part, nn.Module):
+            blocks.append(part)
+    return blocks
+
+
+def _checkpointed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_ldm_unet_blocks(unet: nn.Module) -> Callable[[], None]:
+    """Activation checkpointing for a host's LDM UNet, whose own switch cannot serve us (ldm's
+    CheckpointFunction differentiates only a block's own inputs and weights, not our hooked LoRA;
+    Forge's raises NotImplementedError): each top-level block's ``forward`` is replaced, on the
+    instance only, by a non-reentrant checkpoint of itself. Blocks that already have an instance
+    ``forward`` are left alone. Returns a function that puts the original ``forward`` back."""
+    wrapped: list[nn.Module] = []
+    for block in ldm_unet_blocks(unet):
+        if "forward" in vars(block):
+            continue
+        block.forward = functools.partial(_checkpointed, block.forward)
+        wrapped.append(block)
+
+    def undo() -> None:
+        while wrapped:
+            vars(wrapped.pop()).pop("forward", None)
+
+    return undo
