@@ -213,7 +213,9 @@ class TrainingJob:
             with self._lock:
                 # a stop during the grid only cut the grid short: the training itself finished
                 stopped = self._training_stopped if self._training_stopped is not None else stop.requested
-                self._status = replace(self._status, state=STOPPED if stopped else DONE, eta=0.0)
+                self._status = replace(
+                    self._status, state=STOPPED if stopped else DONE, eta=0.0, elapsed=time.time() - self._started
+                )
 
     def _fail(self, message: str, detail: str | None = None) -> None:
         with self._lock:
@@ -269,7 +271,7 @@ class TrainingJob:
                 self._messages.append(("warning: " if ev.level == "warning" else "") + ev.text)
             elif isinstance(ev, TrainingFinished):
                 self._training_stopped = ev.stopped
-                s = replace(s, state=FINISHING, eta=0.0)
+                s = replace(s, state=FINISHING, eta=0.0, elapsed=ev.seconds)
                 self._messages.append(("stopped" if ev.stopped else "finished") + f" after {ev.steps} steps in {ev.seconds:.0f} s")
             self._status = replace(s, messages=tuple(self._messages))
 

@@ -37,6 +37,7 @@ def test_job_runs_in_background_and_reports(tiny_sd, tiny_config):
     assert [f.name for f in final.files] == ["t-000001", "t"]
     assert final.files[0].tag(0.8) == "<lora:t-000001:0.8>"
     assert len(final.loss_history) == 16 and len(final.epoch_losses) == 2
+    assert final.elapsed > 0 and final.eta == 0.0  # a finished job still shows how long it took
     d = final.as_dict()
     assert d["files"][1]["tag"] == "<lora:t:1>" and d["progress"] == 1.0
 
