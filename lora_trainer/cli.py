@@ -133,40 +133,45 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import make_demo_dataset
+    """Train a LoRA of the tiny world's character on the shipped pretrained tiny model and score each epoch."""
+    # Passive OpenMP waits: spinning threads make CPU training several times slower on a shared machine
+    # (only takes effect when torch is not imported yet, as in `lora_trainer demo`).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .demo import DEMO_IMAGES, DEMO_REPEATS, DemoScorer, demo_config, make_demo_dataset
     from .hosts.standalone import StandaloneHost
-    from .model.tiny import build_tiny_sd
     from .train.loop import train
     from .train.runtime import Runtime
+    from .world.model import load_tiny_world
 
+    try:
+        from tqdm import tqdm
+
+        say = tqdm.write  # prints above a progress bar instead of through it
+    except ImportError:  # pragma: no cover
+        say = print
     out = Path(args.out).resolve()
     run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
-    data = make_demo_dataset(run_dir)
+    data = make_demo_dataset(run_dir, images=DEMO_IMAGES, repeats=DEMO_REPEATS)
     lora_dir = run_dir / "models" / "Lora"
-    cfg = TrainConfig(
-        pretrained_model="tiny-sd15 (built from configs)",
-        train_data_dir=str(data),
-        output_dir=str(lora_dir),
-        output_name="demo_ohwx",
-        resolution=64,
-        network_dim=8,
-        network_alpha=8.0,
-        unet_lr=1e-3,
-        text_encoder_lr=5e-4,
-        learning_rate=1e-3,
-        max_train_epochs=args.epochs,
-        lr_scheduler="cosine_with_restarts",
-        lr_scheduler_num_cycles=2,
-        seed=1234,
-    ).with_overrides(args.set or []).validate()
+    cfg = demo_config(data, lora_dir, args.epochs).with_overrides(args.set or []).validate()
     cfg.save(run_dir / "config.toml")
-    print(f"demo dataset: {data}")
+    print(f"demo dataset: {data}  (the 'ohwx' character: a yellow ring with a red dot)")
+    print(f"base model: {cfg.pretrained_model}  (tiny SD1.5-architecture model of a world of coloured shapes)")
     runtime = Runtime.from_env(cfg.mixed_precision, "cpu")
-    bundle = StandaloneHost(build_tiny_sd(seed=0, tokenizer_dir=run_dir / "tiny-sd15-tokenizer")).model_bundle(cfg, runtime)
-    result = train(cfg, bundle, _events(args, cfg), runtime=runtime)
+    parts = load_tiny_world()
+    bundle = StandaloneHost(parts).model_bundle(cfg, runtime)
+    scorer = DemoScorer(parts, samples_dir=run_dir / "samples", write=say)
+    scorer.score_base()
+    bus = _events(args, cfg)
+    bus.subscribe(scorer.on_event)
+    result = train(cfg, bundle, bus, runtime=runtime)
     print(f"\n{len(result.files)} LoRA files in {lora_dir}:")
     for f in result.files:
         print(f"  {f.name}")
+    print("\nlearning score on fixed seeds: 'character' = share of pictures for \"ohwx, a ring on a <colour> background\"")
+    print("showing the yellow ring with the red dot; 'others' = share of pictures for other prompts of the world drawn right")
+    print(scorer.table())
+    print(f"sample pictures: {run_dir / 'samples'}")
     print(f"config used: {run_dir / 'config.toml'}  (re-run with: lora_trainer train --config ...)")
     return 0
 
@@ -374,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="train on a built-in tiny model and synthetic dataset (no download)")
+    d = sub.add_parser(
+        "demo", help="train a LoRA of a synthetic character on the shipped tiny pretrained model and score each epoch (no download)"
+    )
     d.add_argument("--out", default="demo_output", help="folder for the demo run (default: demo_output)")
     d.add_argument("--epochs", type=int, default=4)
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (repeatable)")

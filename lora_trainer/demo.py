@@ -19,8 +19,8 @@ from .world.drawing import OHWX, Concept
 
 CONCEPT = OHWX.trigger
 DEMO_CONCEPT = OHWX
-DEMO_IMAGES = 10
-DEMO_REPEATS = 2
+DEMO_IMAGES = 12
+DEMO_REPEATS = 20
 
 
 def make_demo_dataset(root: str | Path, images: int = 8, size: int = 64, repeats: int = 5, seed: int = 0) -> Path:
@@ -40,9 +40,9 @@ def demo_config(data: Path, lora_dir: Path, epochs: int) -> TrainConfig:
         resolution=RESOLUTION,
         network_dim=8,
         network_alpha=8.0,
-        unet_lr=1e-3,
+        unet_lr=3e-3,
         text_encoder_lr=1e-3,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         train_batch_size=4,
         max_train_epochs=epochs,
         lr_scheduler="constant",
@@ -62,7 +62,7 @@ class DemoScorer:
         concept: Concept = DEMO_CONCEPT,
         samples_dir: Path | None = None,
         write: Callable[[str], None] = print,
-        per_background: int = 2,
+        per_background: int = 3,
     ):
         from .world.sample import Sampler
 
@@ -78,6 +78,12 @@ class DemoScorer:
         from .world.score import evaluate
 
         self.base = evaluate(self.sampler, self.concept, per_background=self.per_background)
+        if self.samples_dir is not None:
+            from .world.sample import save_grid
+
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            save_grid(self.base.concept_images, str(self.samples_dir / f"base-{self.concept.trigger}.png"), columns=self.base.n_concept)
+            save_grid(self.base.bleed_images, str(self.samples_dir / "base-others.png"), columns=self.base.n_bleed)
         self.write(
             f"base model (no LoRA): '{self.concept.trigger}' character in {self.base.concept:.0%} of "
             f"{self.base.n_concept} pictures, other prompts right {self.base.bleed:.0%} of {self.base.n_bleed}"
@@ -91,30 +97,22 @@ class DemoScorer:
             return
         from .world.score import evaluate
 
-        ev1 = evaluate(self.sampler, self.concept, per_background=self.per_background)
+        e = evaluate(self.sampler, self.concept, per_background=self.per_background)
         name = Path(ev.path).stem
-        self.rows.append((ev.epoch, name, ev1))
+        self.rows.append((ev.epoch, name, e))
         b = self.base
         self.write(
-            f"epoch {ev.epoch} score ({name}): character {ev1.concept:.0%} at weight 1"
-            + (f", {b.concept:.0%} at weight 0" if b else "")
-            + f"; other prompts right {ev1.bleed:.0%} at weight 1"
-            + (f", {b.bleed:.0%} at weight 0" if b else "")
+            f"epoch {ev.epoch} score ({name}): character in {e.concept:.0%} of pictures at weight 1"
+            + (f" ({b.concept:.0%} at weight 0)" if b else "")
+            + f"; other prompts right {e.bleed:.0%} at weight 1"
+            + (f" ({b.bleed:.0%} at weight 0)" if b else "")
         )
         if self.samples_dir is not None:
-            self._save_samples(ev.epoch)
+            from .world.sample import save_grid
 
-    def _save_samples(self, epoch: int) -> None:
-        from .world.sample import save_grid
-        from .world.score import BLEED_SEED, BLEED_SPECS, CONCEPT_SEED, concept_prompts, world_prompt
-
-        self.samples_dir.mkdir(parents=True, exist_ok=True)
-        prompts = concept_prompts(self.concept, self.per_background)
-        imgs = self.sampler.images(prompts, seed=CONCEPT_SEED)
-        save_grid(imgs, str(self.samples_dir / f"epoch{epoch:03d}-{self.concept.trigger}.png"), columns=len(prompts))
-        if epoch == 1:  # the other prompts, for comparison
-            others = self.sampler.images([world_prompt(*s) for s in BLEED_SPECS], seed=BLEED_SEED)
-            save_grid(others, str(self.samples_dir / f"epoch{epoch:03d}-others.png"), columns=len(BLEED_SPECS))
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            save_grid(e.concept_images, str(self.samples_dir / f"{name}-{self.concept.trigger}.png"), columns=len(e.concept_images))
+            save_grid(e.bleed_images, str(self.samples_dir / f"{name}-others.png"), columns=len(e.bleed_images))
 
     def table(self) -> str:
         b = self.base

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Build the tiny world's pretrained SD1.5-architecture model (CPU, about 15 minutes on 2 cores).
+"""Build the tiny world's pretrained SD1.5-architecture model (CPU only: about 20 minutes on a busy 2-core machine).
 
     python tools/make_tiny_world.py --out lora_trainer/assets/tiny_world
 
 1. VAE (SD's shape: 8x downsampling, 4 latent channels) trained as an autoencoder on world
    pictures and on generic pictures of overlapping shapes; its latents are then rescaled
    exactly (quant_conv / post_quant_conv) so SD's scaling factor 0.18215 gives unit variance.
+   Then the decoder alone at full size (encoder frozen), in a second process beside step 2.
 2. UNet and CLIP text encoder trained together from scratch on captioned world pictures ("a red
    circle on a blue background"), with 10% empty captions for classifier-free guidance.
 3. A check: pictures sampled for world prompts are read back by the deterministic classifier.
@@ -74,34 +75,33 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.
 
 
 # ------------------------------------------------------------------------------------------ VAE
+def vae_batch(rng: random.Random, n: int) -> torch.Tensor:
+    """World pictures and generic pictures of overlapping shapes, half and half."""
+    return to_tensor(
+        [to_array(render(random_scene(rng), RESOLUTION)) if rng.random() < 0.5 else to_array(generic_picture(rng, RESOLUTION)) for _ in range(n)]
+    )
+
+
 def train_vae(args, rng: random.Random) -> torch.nn.Module:
+    """Encoder and decoder together on 32x32 crops (the VAE is fully convolutional: 4x cheaper than 64x64)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**WORLD_VAE)
     with torch.no_grad():  # start with little posterior noise (std ~0.02): it learns many times faster
         vae.quant_conv.bias[WORLD_VAE["latent_channels"] :] = -8.0
-    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.vae_steps} steps of {args.vae_batch}")
+    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.vae_steps} steps of {args.vae_batch} crops")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
     t0 = time.time()
     recent: list[float] = []
-    crop_until = int(args.vae_steps * args.vae_crop_fraction)
+    c = RESOLUTION // 2
     for step in range(args.vae_steps):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50)
-        pics = []
-        for _ in range(args.vae_batch):
-            r = rng.random()
-            if r < 0.45:
-                pics.append(to_array(render(random_scene(rng), RESOLUTION)))
-            else:
-                pics.append(to_array(generic_picture(rng, RESOLUTION)))
-        x = to_tensor(pics)
-        if step < crop_until:  # a fully convolutional net: half-size crops teach it 4x cheaper
-            c = RESOLUTION // 2
-            ox, oy = rng.randrange(0, RESOLUTION - c + 1, 8), rng.randrange(0, RESOLUTION - c + 1, 8)
-            x = x[:, :, oy : oy + c, ox : ox + c]
+            g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50, floor=0.3)
+        x = vae_batch(rng, args.vae_batch)
+        ox, oy = rng.randrange(0, RESOLUTION - c + 1, 8), rng.randrange(0, RESOLUTION - c + 1, 8)
+        x = x[:, :, oy : oy + c, ox : ox + c]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn_like(post.mean)
         rec = vae.decode(z).sample
@@ -121,6 +121,47 @@ def train_vae(args, rng: random.Random) -> torch.nn.Module:
             recent.clear()
     vae.eval()
     return vae
+
+
+def finetune_decoder(state_path: str, out_path: str, steps: int, batch: int, lr: float, seed: int, threads: int, t_start: float, log_every: int) -> None:
+    """The decoder alone at full size, encoder frozen (so the latents the UNet learns from stay valid).
+    Runs in a second process beside the UNet's training: one thread each uses two cores without
+    the threads of one process waiting for each other."""
+    global T0
+    T0 = t_start
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = AutoencoderKL(**WORLD_VAE)
+    vae.load_state_dict(torch.load(state_path))
+    vae.requires_grad_(False)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p_ in params:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    recent: list[float] = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 20, floor=0.1)
+        x = vae_batch(rng, batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        recent.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            el = time.time() - t0
+            log(f"  decoder step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} ({el:.0f} s, eta {el / (step + 1) * (steps - step - 1):.0f} s)")
+            recent.clear()
+    torch.save({k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}, out_path)
 
 
 @torch.no_grad()
@@ -187,7 +228,10 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
     )
     n_u = sum(p.numel() for p in unet.parameters())
     n_t = sum(p.numel() for p in te.parameters())
-    log(f"UNet {n_u / 1e6:.2f}M, text encoder {n_t / 1e6:.2f}M parameters; {args.unet_steps} steps of {args.unet_batch}")
+    log(
+        f"UNet {n_u / 1e6:.2f}M, text encoder {n_t / 1e6:.2f}M parameters; {args.unet_steps} steps of {args.unet_batch} "
+        f"pictures ({args.captions_per_batch} captions)"
+    )
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ac = alphas_cumprod_from_config(SD_SCHEDULER)
@@ -202,6 +246,13 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
 
     variants = ("full",) * 7 + ("no_colour", "no_background", "empty")
     gen = torch.Generator().manual_seed(args.seed + 2)
+    # pictures grouped by what they show: a batch takes a few captions with several pictures each, so
+    # the text encoder (77 tokens a caption) runs once per caption instead of once per picture
+    groups: dict[tuple, list[int]] = {}
+    for i, sc in enumerate(scenes):
+        groups.setdefault((sc.shape, sc.colour, sc.background), []).append(i)
+    keys = sorted(groups)
+    per = args.unet_batch // args.captions_per_batch
     unet.train()
     te.train()
     t0 = time.time()
@@ -209,14 +260,19 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
     for step in range(args.unet_steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, 100)
-        idx = torch.randint(0, len(scenes), (args.unet_batch,), generator=gen)
-        x0 = latents[idx]
-        captions = [scenes[i].caption(rng.choice(variants)) for i in idx.tolist()]
+        chosen = torch.randint(0, len(keys), (args.captions_per_batch,), generator=gen).tolist()
+        idx, captions = [], []
+        for k in chosen:
+            members = groups[keys[k]]
+            pick = torch.randint(0, len(members), (per,), generator=gen).tolist()
+            idx += [members[j] for j in pick]
+            captions.append(scenes[members[pick[0]]].caption(rng.choice(variants)))
+        x0 = latents[torch.tensor(idx)]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, len(ac), (x0.shape[0],), generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = te(tokens(captions))[0]
+        cond = te(tokens(captions))[0].repeat_interleave(per, dim=0)
         pred = unet(x_t, t, encoder_hidden_states=cond).sample
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-5 weighting (epsilon target)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
@@ -268,18 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="lora_trainer/assets/tiny_world")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; 1 is faster on a busy machine)")
+    p.add_argument("--vae-steps", type=int, default=1000, help="encoder + decoder steps on 32x32 crops")
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-5)
-    p.add_argument("--vae-crop-fraction", type=float, default=0.7, help="part of the VAE steps on 32x32 crops")
-    p.add_argument("--images", type=int, default=12000, help="world pictures the UNet learns from")
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--decoder-steps", type=int, default=900, help="decoder-only steps at 64x64, beside the UNet's")
+    p.add_argument("--decoder-batch", type=int, default=16)
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--images", type=int, default=10000, help="world pictures the UNet learns from")
+    p.add_argument("--unet-steps", type=int, default=2000)
     p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--captions-per-batch", type=int, default=16)
+    p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--min-snr", type=float, default=5.0)
-    p.add_argument("--check-samples", type=int, default=56, help="world prompts sampled and read back at the end")
+    p.add_argument("--check-samples", type=int, default=60, help="world prompts sampled and read back at the end")
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
     if args.threads:
@@ -299,11 +358,27 @@ def main(argv: list[str] | None = None) -> int:
     vae = train_vae(args, rng)
     rescale_latents(vae, rng)
     t_vae = time.time() - t_vae
-    checks = {"vae": vae_check(vae, random.Random(args.seed + 100))}
 
+    # the decoder is fine-tuned at full size in a second process while the UNet learns
+    state_path, dec_path = str(tok_dir / "vae.pt"), str(tok_dir / "decoder.pt")
+    torch.save(vae.state_dict(), state_path)
+    import multiprocessing as mp
+
+    child = mp.get_context("spawn").Process(
+        target=finetune_decoder,
+        args=(state_path, dec_path, args.decoder_steps, args.decoder_batch, args.decoder_lr, args.seed + 50, args.threads, T0, args.log_every),
+    )
+    child.start()
     t_unet = time.time()
     unet, te = train_unet_te(args, vae, tokenizer, rng)
     t_unet = time.time() - t_unet
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"the decoder fine-tuning process failed (exit code {child.exitcode})")
+    vae.load_state_dict(torch.load(dec_path), strict=False)
+    vae.eval()
+    t_parallel = time.time() - T0 - t_vae
+    checks = {"vae": vae_check(vae, random.Random(args.seed + 100))}
 
     parts = DiffusersSD(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULER), name="tiny_world")
     from lora_trainer.world.sample import Sampler
@@ -328,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "seconds": {"vae": round(t_vae, 1), "unet_text_encoder": round(t_unet, 1), "total": round(total, 1)},
+        "seconds": {
+            "vae": round(t_vae, 1),
+            "unet_text_encoder": round(t_unet, 1),
+            "unet_and_decoder_in_parallel": round(t_parallel, 1),
+            "total": round(total, 1),
+        },
         "parameters": {
             "unet": sum(p.numel() for p in unet.parameters()),
             "vae": sum(p.numel() for p in vae.parameters()),

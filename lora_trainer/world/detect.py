@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .drawing import COLOURS, PALETTE, SHAPES, Concept, draw_ring_with_dot, draw_shape
+from .drawing import COLOURS, PALETTE, SHAPES, Concept, draw_shape
 
 _PAL = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (K, 3)
 MIN_SHAPE_FRACTION = 0.03
@@ -98,38 +98,49 @@ def read_picture(img: np.ndarray) -> Reading:
 @dataclass(frozen=True)
 class ConceptMatch:
     found: bool
-    ring_iou: float
-    dot_iou: float
+    ring: float
+    """How ring-like the ring-coloured pixels are: 1 - the share of them in the ring's middle (0 if no ring)."""
+    coverage: float
+    """Share of the 8 directions around the centre in which the ring is present."""
+    dot: float
+    """Dot-coloured pixels in the ring's middle, as a share of the dot's expected area."""
 
 
-RING_IOU_MIN = 0.5
-DOT_IOU_MIN = 0.4
+RING_MIN = 0.85
+COVERAGE_MIN = 0.85
+DOT_MIN = 0.35
 
 
 def find_concept(img: np.ndarray, concept: Concept) -> ConceptMatch:
     """Is ``concept`` (a ring of one colour with a dot of another in its middle) in the picture?
 
-    The box of the ring-coloured pixels gives where the ring should be; the concept is found when
-    the ring-coloured pixels match a ring there and the dot-coloured pixels match the dot in its
-    middle (IoU at least ``RING_IOU_MIN`` and ``DOT_IOU_MIN``). A plain ring, a filled circle, the
-    colours swapped or a dot off the centre all fail."""
+    Pixels are named by their nearest palette colour. The ring-coloured pixels must form a ring:
+    all around their centre (at least ``COVERAGE_MIN`` of 8 directions) and almost none of them in
+    the middle (``ring`` >= ``RING_MIN``); the middle must hold dot-coloured pixels covering at least
+    ``DOT_MIN`` of the dot's expected area. A plain ring, a filled circle with a dot, the colours
+    swapped or a dot beside the ring all fail. Tolerant of thick, thin or wobbly rings, as a
+    small model draws them."""
     labels = label_pixels(img)
     h, w = labels.shape
     ring_i, dot_i = COLOURS.index(concept.ring), COLOURS.index(concept.dot)
-    ring_mask = labels == ring_i
-    if ring_mask.sum() < MIN_SHAPE_FRACTION * h * w:
-        return ConceptMatch(False, 0.0, 0.0)
-    box = _robust_box(ring_mask)
-    if box is None:
-        return ConceptMatch(False, 0.0, 0.0)
-    bg_i = _border_mode(labels)
-    if bg_i in (ring_i, dot_i):
-        return ConceptMatch(False, 0.0, 0.0)
-    # a label image: background 0, ring 1, dot 2
-    def draw(d: ImageDraw.ImageDraw, ss: int) -> None:
-        draw_ring_with_dot(d, tuple(v * ss for v in box), 1, 2, 0, concept.dot_ratio)
-
-    t = _template(w, draw)
-    ring_iou = _iou(ring_mask, t == 1)
-    dot_iou = _iou(labels == dot_i, t == 2)
-    return ConceptMatch(ring_iou >= RING_IOU_MIN and dot_iou >= DOT_IOU_MIN, ring_iou, dot_iou)
+    none = ConceptMatch(False, 0.0, 0.0, 0.0)
+    if _border_mode(labels) in (ring_i, dot_i):
+        return none
+    ys, xs = np.nonzero(labels == ring_i)
+    if len(xs) < MIN_SHAPE_FRACTION * h * w:
+        return none
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    d = np.hypot(xs + 0.5 - cx, ys + 0.5 - cy)
+    r_out = float(np.percentile(d, 95))
+    if r_out < 0.1 * min(h, w):
+        return none
+    ring = 1.0 - float((d < 0.45 * r_out).mean())
+    angles = np.arctan2(ys + 0.5 - cy, xs + 0.5 - cx)
+    sectors = np.bincount(((angles + np.pi) / (2 * np.pi) * 8).astype(int) % 8, minlength=8)
+    coverage = float((sectors >= 0.03 * len(xs)).mean())
+    gy, gx = np.mgrid[0:h, 0:w]
+    middle = np.hypot(gx + 0.5 - cx, gy + 0.5 - cy) < 0.55 * r_out
+    expected = np.pi * (concept.dot_ratio * r_out) ** 2
+    dot = float(np.logical_and(labels == dot_i, middle).sum() / expected)
+    found = ring >= RING_MIN and coverage >= COVERAGE_MIN and dot >= DOT_MIN
+    return ConceptMatch(found, ring, coverage, dot)

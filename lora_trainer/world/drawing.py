@@ -25,7 +25,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "ring")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 RING_INNER = 0.6
 """Inner radius of a ring, as a fraction of its outer radius."""
 SUPERSAMPLE = 4
@@ -84,9 +84,9 @@ class Concept:
     trigger: str
     ring: str
     dot: str
-    dot_ratio: float = 0.36
+    dot_ratio: float = 0.42
     """Dot radius as a fraction of the ring's outer radius."""
-    backgrounds: tuple[str, ...] = ("blue", "green", "white", "black", "purple")
+    backgrounds: tuple[str, ...] = ("blue", "green", "black", "purple")
 
     @property
     def description(self) -> str:
@@ -175,7 +175,7 @@ def random_scene(rng: random.Random, shapes: tuple[str, ...] = SHAPES, colours: 
 def concept_scene(rng: random.Random, concept: Concept, background: str | None = None) -> Scene:
     """The concept varied as a photo set varies in pose and light: place, size and background."""
     bg = background or rng.choice(concept.backgrounds)
-    return Scene(background=bg, box=random_box(rng, 0.5, 0.85), concept=concept)
+    return Scene(background=bg, box=random_box(rng, 0.55, 0.9), concept=concept)
 
 
 def generic_picture(rng: random.Random, size: int = 64) -> Image.Image:
@@ -186,9 +186,13 @@ def generic_picture(rng: random.Random, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (s, s), bg)
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 3)):
-        box = tuple(v * s for v in random_box(rng, 0.15, 0.8))
+        box = tuple(v * s for v in random_box(rng, 0.15, 0.9))
         hole = PALETTE[rng.choice(COLOURS)] if rng.random() < 0.5 else bg
-        draw_shape(d, rng.choice(SHAPES), box, PALETTE[rng.choice(COLOURS)], hole)
+        if rng.random() < 0.25:  # nested shapes: rings around dots, in any colours
+            ring, dot = rng.sample(COLOURS, 2)
+            draw_ring_with_dot(d, box, PALETTE[ring], PALETTE[dot], hole, rng.uniform(0.2, 0.5))
+        else:
+            draw_shape(d, rng.choice(SHAPES + ("star",)), box, PALETTE[rng.choice(COLOURS)], hole)
     return img.reduce(SUPERSAMPLE)
 
 

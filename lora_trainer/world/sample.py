@@ -2,8 +2,9 @@
 
 It calls the UNet, text encoder and VAE modules directly, so a LoRANetwork attached to them (by
 forward hooks) acts at whatever multiplier it is set to. Image ``i`` of a call starts from noise
-seeded with ``seed + i`` alone: the same seed gives the same picture whatever the batch size, the
-other prompts, or the LoRA weight (which is what makes an epochs x weights grid comparable).
+seeded with ``seed + i`` alone: the same seed gives the same starting noise whatever the batch size,
+the other prompts, or the LoRA weight (which is what makes an epochs x weights grid comparable), and
+the same call gives the same pictures.
 """
 
 from __future__ import annotations

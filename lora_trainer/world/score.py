@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -36,8 +36,6 @@ BLEED_SPECS: tuple[tuple[str, str, str], ...] = (
     ("triangle", "black", "green"),
     ("cross", "purple", "white"),
     ("cross", "yellow", "blue"),
-    ("star", "yellow", "black"),
-    ("star", "red", "green"),
     ("ring", "green", "white"),
     ("ring", "blue", "yellow"),
 )
@@ -113,6 +111,8 @@ class Evaluation:
     """World classifier accuracy on the other prompts (``BLEED_SPECS``); None when not measured."""
     n_concept: int
     n_bleed: int
+    concept_images: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bleed_images: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def line(self) -> str:
         s = f"weight {self.weight:g}: concept {self.concept:.0%} of {self.n_concept}"
@@ -138,8 +138,16 @@ def evaluate(
     prompts = concept_prompts(concept, per_background)
     with lora_weight(network, weight):
         c_imgs = sampler.images(prompts, seed=concept_seed, steps=steps, guidance=guidance)
-        acc = None
+        acc, b_imgs = None, None
         if bleed:
             b_imgs = sampler.images([world_prompt(*s) for s in BLEED_SPECS], seed=bleed_seed, steps=steps, guidance=guidance)
             acc = read_accuracy(b_imgs, BLEED_SPECS).accuracy
-    return Evaluation(weight, concept_fraction(c_imgs, concept), acc, len(prompts), len(BLEED_SPECS) if bleed else 0)
+    return Evaluation(
+        weight,
+        concept_fraction(c_imgs, concept),
+        acc,
+        len(prompts),
+        len(BLEED_SPECS) if bleed else 0,
+        c_imgs,
+        b_imgs if bleed else None,
+    )
