@@ -211,7 +211,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from .grid import GridSpec, build_grid, default_prompt
+    from .grid import GridSpec, build_grid, default_prompt, free_grid_path, run_prefix
     from .hosts.standalone import StandaloneGenerator, StandaloneHost
 
     files = [str(Path(f)) for f in args.files]
@@ -233,7 +233,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         sampler_name="DDIM",
     )
     generate = StandaloneGenerator(StandaloneHost().load_parts(cfg))
-    out = Path(args.out) if args.out else Path(files[0]).parent / f"{Path(files[0]).stem.split('-')[0]}_grid.png"
+    out = Path(args.out) if args.out else free_grid_path(Path(files[0]).parent, run_prefix(files))
     n = len(spec.cells())
     print(f"{len(spec.columns())} epochs x {len(spec.weights)} weights x {len(spec.seeds)} seeds = {n} images; prompt: {spec.prompt}")
     result = build_grid(spec, generate, progress=lambda d, t: print(f"\r{d}/{t}", end="", flush=True), out_path=out)

@@ -269,22 +269,9 @@ def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
     return result.cells[row * ncols + col]
 
 
-def grid_after_training(
-    cfg,
-    files: list[str],
-    generate: Callable[[Cell], Image.Image],
-    events,
-    stop,
-    trigger: str = "",
-    validation: dict[int, float] | None = None,
-):
-    """The automatic grid at the end of a run: every saved epoch x ``cfg.grid_weights``, one seed.
-
-    Reports GridProgress / GridSaved events; ``stop`` ends it early (what was made is kept)."""
-    from .train.events import GridProgress, GridSaved
-
-    if not files:
-        return None
+def grid_spec_from_config(cfg, files: list[str], trigger: str = "", validation: dict[int, float] | None = None) -> GridSpec:
+    """The grid of ``files`` x ``cfg.grid_weights`` with the config's seed, prompt and sampling settings;
+    the epoch with the lowest validation loss among the files is marked."""
     spec = GridSpec(
         files=list(files),
         weights=cfg.grid_weight_list(),
@@ -300,8 +287,41 @@ def grid_after_training(
     saved_epochs = {c.epoch for c in spec.columns()}
     candidates = [(v, e) for e, v in (validation or {}).items() if e in saved_epochs]
     spec.best_epoch = min(candidates)[1] if candidates else None
-    events.info(f"building the grid: {len(spec.columns())} epochs x {len(spec.weights)} weights, prompt '{spec.prompt}'")
-    out = Path(files[0]).parent / f"{cfg.output_name}_grid.png"
+    return spec
+
+
+def free_grid_path(folder: str | Path, prefix: str) -> Path:
+    """``<prefix>_grid.png`` in ``folder``, or ``<prefix>_grid-2.png``... when taken: a grid never
+    replaces an earlier one."""
+    folder = Path(folder)
+    path = folder / f"{prefix}_grid.png"
+    n = 2
+    while path.exists():
+        path = folder / f"{prefix}_grid-{n}.png"
+        n += 1
+    return path
+
+
+def run_prefix(files: list[str]) -> str:
+    """The run name shared by epoch files (``face-000003`` -> ``face``)."""
+    stem = Path(sorted(files)[0]).stem
+    return _EPOCH_RE.sub("", stem) or stem
+
+
+def make_grid(
+    spec: GridSpec,
+    generate: Callable[[Cell], Image.Image],
+    events,
+    stop,
+    out: str | Path,
+):
+    """Build and save ``spec`` reporting GridProgress / GridSaved events; ``stop`` ends it early
+    (what was made is kept)."""
+    from .train.events import GridProgress, GridSaved
+
+    events.info(
+        f"building the grid: {len(spec.columns())} epochs x {len(spec.weights)} weights, prompt '{spec.prompt}'"
+    )
     result = build_grid(
         spec,
         generate,
@@ -311,6 +331,45 @@ def grid_after_training(
     )
     events.emit(GridSaved(str(result.path), spec.best_epoch))
     return result
+
+
+def grid_after_training(
+    cfg,
+    files: list[str],
+    generate: Callable[[Cell], Image.Image],
+    events,
+    stop,
+    trigger: str = "",
+    validation: dict[int, float] | None = None,
+):
+    """The automatic grid at the end of a run: every saved epoch x ``cfg.grid_weights``, one seed."""
+    if not files:
+        return None
+    spec = grid_spec_from_config(cfg, files, trigger, validation)
+    return make_grid(spec, generate, events, stop, Path(files[0]).parent / f"{cfg.output_name}_grid.png")
+
+
+def grid_of_files(cfg, files: list[str], generate: Callable[[Cell], Image.Image], events, stop):
+    """The "Build grid" button: any saved LoRA files x ``cfg.grid_weights``, saved next to the first
+    file under a name no earlier grid has."""
+    from .errors import LoraTrainerError
+
+    if not files:
+        raise LoraTrainerError("Choose at least one saved LoRA file for the grid.")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise LoraTrainerError(f"LoRA file not found: {missing[0]}. Refresh the file list and choose again.")
+    spec = grid_spec_from_config(cfg, files)
+    return make_grid(spec, generate, events, stop, free_grid_path(Path(files[0]).parent, run_prefix(files)))
+
+
+def lora_files_in(folder: str | Path) -> list[str]:
+    """The ``.safetensors`` files of a LoRA folder (sub-folders included), newest run last."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.rglob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
+    return [str(p) for p in sorted(files, key=lambda p: (p.stat().st_mtime, p.name))]
 
 
 def cell_tag_from_png(path: str | Path, x: int, y: int) -> str | None:

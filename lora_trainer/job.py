@@ -144,8 +144,9 @@ class TrainingJob:
     HISTORY = 2000
     MESSAGES = 50
 
-    def __init__(self, run, on_event=None):
+    def __init__(self, run, on_event=None, grid=None):
         self._run = run
+        self._grid = grid
         self._extra_listener = on_event
         self._lock = threading.Lock()
         self._status = JobStatus()
@@ -159,16 +160,36 @@ class TrainingJob:
     def start(self, cfg: TrainConfig) -> None:
         """Validate and start; raises ConfigError at once for a bad config, JobBusy if one runs."""
         cfg.validate()
+        self._launch(self._run, cfg, PREPARING)
+
+    def start_grid(self, cfg: TrainConfig, files: list[str]) -> None:
+        """Build a grid of saved LoRA files (the "Build grid" button) as a job of its own: the same
+        progress, Stop and one-job-at-a-time rule as a training."""
+        if self._grid is None:
+            raise LoraTrainerError("This host cannot build grids.")
+        cfg.validate()
+        if not files:
+            raise LoraTrainerError("Choose at least one saved LoRA file for the grid.")
+        chosen = [str(f) for f in files]
+        missing = [f for f in chosen if not Path(f).is_file()]
+        if missing:
+            raise LoraTrainerError(f"LoRA file not found: {missing[0]}. Refresh the file list and choose again.")
+        self._launch(lambda c, bus, stop: self._grid(c, chosen, bus, stop), cfg, GRID)
+
+    def _launch(self, fn, cfg: TrainConfig, state: str) -> None:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
-                raise JobBusy("A training is already running. Stop it first, or wait until it ends.")
+                what = "grid" if self._status.state == GRID and self._status.total_steps == 0 else "training"
+                raise JobBusy(f"A {what} is already running. Stop it first, or wait until it ends.")
             self._stop = StopControl()
             self._history.clear()
             self._messages.clear()
-            self._status = JobStatus(state=PREPARING)
+            self._status = JobStatus(state=state)
             self._training_stopped: bool | None = None
             self._started = time.time()
-            self._thread = threading.Thread(target=self._main, args=(cfg, self._stop), name="lora_trainer-job", daemon=True)
+            self._thread = threading.Thread(
+                target=self._main, args=(fn, cfg, self._stop), name="lora_trainer-job", daemon=True
+            )
             self._thread.start()
 
     def stop(self, save: bool = False) -> bool:
@@ -198,12 +219,12 @@ class TrainingJob:
         return self._thread is not None and self._thread.is_alive()
 
     # -- worker ----------------------------------------------------------------------
-    def _main(self, cfg: TrainConfig, stop: StopControl) -> None:
+    def _main(self, fn, cfg: TrainConfig, stop: StopControl) -> None:
         bus = EventBus(self._on_event)
         if self._extra_listener is not None:
             bus.subscribe(self._extra_listener)
         try:
-            self._run(cfg, bus, stop)
+            fn(cfg, bus, stop)
         except LoraTrainerError as e:
             self._fail(str(e))
         except Exception as e:  # noqa: BLE001 - the job reports, the host keeps running

@@ -345,14 +345,8 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
 
         lock = call_queue.queue_lock
-        if not lock.acquire(blocking=False):
-            events.info("waiting for the WebUI to finish the current generation")
-            # the host's queue lock (FIFOLock) takes no timeout: poll, so that Stop still works
-            while not lock.acquire(blocking=False):
-                time.sleep(0.2)
-                if stop.requested:
-                    events.info("stopped before training began")
-                    return
+        if not _acquire_queue_lock(lock, events, stop):
+            return
         try:
             result = self._run_locked(cfg, scan, events, stop, shared, train)
             self.refresh_loras()
@@ -365,6 +359,27 @@ class A1111Host:
             ):
                 self._grid(cfg, result, scan, events, stop, shared)
         finally:
+            lock.release()
+
+    def build_grid(self, cfg: TrainConfig, files: list[str], events: EventBus, stop: StopControl) -> None:
+        """The "Build grid" button: saved LoRA files x ``cfg.grid_weights`` through the host's txt2img,
+        with generation locked out as for a training."""
+        from modules import call_queue
+
+        from ..grid import grid_of_files
+
+        shared = _shared()
+        _loaded_model()
+        lock = call_queue.queue_lock
+        if not _acquire_queue_lock(lock, events, stop):
+            return
+        state = shared.state
+        state.begin(job="LoRA grid")
+        try:
+            self.refresh_loras()  # files copied in since the last scan
+            grid_of_files(cfg, files, A1111Generator(), events, stop)
+        finally:
+            state.end()
             lock.release()
 
     def _grid(self, cfg: TrainConfig, result, scan, events: EventBus, stop: StopControl, shared) -> None:
@@ -424,6 +439,20 @@ class A1111Host:
         finally:
             mirror.active = False
             state.end()
+
+
+def _acquire_queue_lock(lock: Any, events: EventBus, stop: StopControl) -> bool:
+    """Take the host's queue lock; False when Stop came first. The host's FIFOLock takes no
+    timeout: poll, so that Stop still works while a generation runs."""
+    if lock.acquire(blocking=False):
+        return True
+    events.info("waiting for the WebUI to finish the current generation")
+    while not lock.acquire(blocking=False):
+        time.sleep(0.2)
+        if stop.requested:
+            events.info("stopped before it began")
+            return False
+    return True
 
 
 class A1111Generator:

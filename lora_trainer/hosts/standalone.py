@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, LoraTrainerError
 from ..model.bundle import ModelBundle
 from ..model.sd import DiffusersSD, make_sd_bundle
 from ..train.runtime import Runtime
@@ -87,19 +87,31 @@ class StandaloneHost:
             )
 
 
+    def build_grid(self, cfg: TrainConfig, files: list[str], events, stop) -> None:
+        """The "Build grid" button: ``files`` x ``cfg.grid_weights`` on ``cfg.pretrained_model``."""
+        from ..grid import grid_of_files
+
+        parts = self.load_parts(cfg)
+        if getattr(parts, "family", "") == "sdxl":
+            raise LoraTrainerError("Grids of SDXL LoRAs are not available in the standalone host yet.")
+        grid_of_files(cfg, files, StandaloneGenerator(parts), events, stop)
+
+
 def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None):
     """The tab's backend over a standalone host and one background job."""
     from ..job import TrainingJob
     from ..ui.tab import TabBackend
 
     host = host or StandaloneHost()
-    job = TrainingJob(host.run)
+    job = TrainingJob(host.run, grid=host.build_grid)
     base = defaults or TrainConfig()
     return TabBackend(
         host_name="standalone",
         start=job.start,
         stop=job.stop,
         status=job.status,
+        start_grid=job.start_grid,
+        lora_folder=lambda cfg: Path(cfg.output_dir),
         defaults=lambda: TrainConfig(**base.to_dict()),
         notes="Standalone: the base model is loaded from pretrained_model "
         f"({BUILTIN_TINY} is a tiny built-in model for trying the tab). Files go to output_dir.",

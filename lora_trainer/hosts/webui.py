@@ -118,7 +118,7 @@ def make_backend(kind: str | None = None):
     from ..ui.tab import TabBackend
 
     host = make_host(kind)
-    job = TrainingJob(host.run)
+    job = TrainingJob(host.run, grid=getattr(host, "build_grid", None))
 
     def defaults() -> TrainConfig:
         cfg = TrainConfig(output_dir=_default_lora_dir(host))
@@ -141,6 +141,8 @@ def make_backend(kind: str | None = None):
         start=job.start,
         stop=job.stop,
         status=job.status,
+        start_grid=job.start_grid if getattr(host, "build_grid", None) else None,
+        lora_folder=host.lora_dir,
         defaults=defaults,
         hidden_fields=HIDDEN_FIELDS,
         notes=notes,

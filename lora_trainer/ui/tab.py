@@ -10,6 +10,7 @@ import dataclasses
 import html
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
@@ -37,6 +38,10 @@ class TabBackend:
     stop: Callable[[bool], bool]
     status: Callable[[], JobStatus]
     defaults: Callable[[], TrainConfig] = TrainConfig
+    start_grid: Callable[[TrainConfig, list[str]], None] | None = None
+    """Build a grid of saved LoRA files in the background (the "Build grid" button)."""
+    lora_folder: Callable[[TrainConfig], Path] | None = None
+    """Where the LoRA files of a config go (the host's LoRA folder, or output_dir standalone)."""
     hidden_fields: frozenset[str] = frozenset()
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +141,16 @@ def loss_figure(s: JobStatus):
     return fig
 
 
+def lora_names(folder: Path | None) -> list[str]:
+    """The LoRA files of ``folder`` as names relative to it (``face-000003.safetensors``,
+    ``sub/face.safetensors``), oldest first, so a run's epochs stay in order."""
+    if folder is None:
+        return []
+    from ..grid import lora_files_in
+
+    return [Path(f).relative_to(folder).as_posix() for f in lora_files_in(folder)]
+
+
 def _component(gr, f: dataclasses.Field, value: Any):
     label = f.name
     info = f.metadata.get("help", "")
@@ -203,6 +218,16 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
                         grid_img = gr.Image(label="epochs x weights (click a cell for its tag)", type="filepath",
                                             interactive=False, elem_id="lora_trainer_grid")
                         grid_tag = gr.Textbox(label="tag of the clicked cell", interactive=False, elem_id="lora_trainer_grid_tag")
+                        with gr.Accordion("Build a grid from saved LoRA files", open=False,
+                                          visible=backend.start_grid is not None, elem_id="lora_trainer_grid_builder"):
+                            grid_files = gr.Dropdown(
+                                label="LoRA files (the grid's columns)", choices=[], value=[], multiselect=True,
+                                elem_id="lora_trainer_grid_files",
+                                info="Weights, seed, prompt and steps come from the form's grid section.",
+                            )
+                            with gr.Row():
+                                grid_list_btn = gr.Button("Refresh list", elem_id="lora_trainer_grid_list")
+                                grid_build_btn = gr.Button("Build grid", elem_id="lora_trainer_grid_build")
                         log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="lora_trainer_log")
 
             with gr.Tab("Prepare dataset", elem_id="lora_trainer_prepare_tab"):
@@ -226,7 +251,35 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
         def on_stop_save():
             return "<p>Stopping and saving the LoRA as it is now.</p>" if backend.stop(True) else "<p>Nothing is running.</p>"
 
-        last_plot: dict[str, Any] = {"n": -1, "grid": None}
+        last_plot: dict[str, Any] = {"n": -1, "grid": None, "files": None}
+        # the folder the grid's file list was read from: names in the list are relative to it
+        listing: dict[str, Path | None] = {"folder": None}
+
+        def list_update(folder: Path | None, chosen: list[str] | None = None):
+            listing["folder"] = folder
+            names = lora_names(folder)
+            value = [n for n in (chosen or []) if n in names]
+            return gr.update(choices=names, value=value)
+
+        def on_grid_list(current, *values):
+            try:
+                folder = backend.lora_folder(config_from_values(backend, list(values))) if backend.lora_folder else None
+            except LoraTrainerError:
+                folder = listing["folder"]
+            return list_update(folder, list(current or []))
+
+        def on_build_grid(chosen, *values):
+            if backend.start_grid is None:
+                return "<p>This host cannot build grids.</p>"
+            folder = listing["folder"]
+            if not chosen or folder is None:
+                return '<p class="lora_trainer_error">Choose saved LoRA files in the list first (Refresh list).</p>'
+            try:
+                cfg = config_from_values(backend, list(values))
+                backend.start_grid(cfg, [str(folder / name) for name in chosen])
+            except LoraTrainerError as e:
+                return f'<p class="lora_trainer_error">{html.escape(str(e))}</p>'
+            return f"<p>Building a grid of {len(chosen)} files.</p>"
 
         def refresh():
             s = backend.status()
@@ -235,7 +288,13 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
             last_plot["n"] = n
             grid = gr.update() if s.grid_path == last_plot["grid"] else s.grid_path
             last_plot["grid"] = s.grid_path
-            return render_status(s), fig, render_files(s), render_log(s), grid
+            # the file list follows the run: each new epoch file is listed and chosen
+            files_update = gr.update()
+            if s.files and s.files != last_plot["files"]:
+                folder = Path(s.files[0].path).parent
+                files_update = list_update(folder, [Path(f.path).name for f in s.files])
+            last_plot["files"] = s.files
+            return render_status(s), fig, render_files(s), render_log(s), grid, files_update
 
         def on_grid_select(evt: gr.SelectData):
             path = backend.status().grid_path
@@ -250,10 +309,14 @@ def build_tab(backend: TabBackend, poll_seconds: float = 1.0, css: str | None = 
         stop_btn.click(on_stop, inputs=[], outputs=[message])
         save_btn.click(on_stop_save, inputs=[], outputs=[message])
         grid_img.select(on_grid_select, inputs=None, outputs=[grid_tag])
-        tab.load(refresh, inputs=[], outputs=[status_html, plot, files_html, log, grid_img], every=poll_seconds)
+        grid_list_btn.click(on_grid_list, inputs=[grid_files, *inputs], outputs=[grid_files])
+        grid_build_btn.click(on_build_grid, inputs=[grid_files, *inputs], outputs=[message])
+        tab.load(on_grid_list, inputs=[grid_files, *inputs], outputs=[grid_files])
+        tab.load(refresh, inputs=[], outputs=[status_html, plot, files_html, log, grid_img, grid_files], every=poll_seconds)
     # for tests: the form's components and the handlers gradio calls
     tab.lora_trainer_inputs = inputs
     tab.lora_trainer_handlers = {
         "start": on_start, "stop": on_stop, "stop_save": on_stop_save, "refresh": refresh, "grid_select": on_grid_select,
+        "grid_list": on_grid_list, "build_grid": on_build_grid,
     }
     return tab
