@@ -115,6 +115,9 @@ class TrainConfig:
     logging_dir: str = _f("", "output", "TensorBoard folder (empty = no logging)")
     # grid (epochs x LoRA weights, built at the end of training)
     grid_after_training: bool = _f(True, "grid", "Build the epochs x weights grid when training ends")
+    grid_each_epoch: bool = _f(
+        False, "grid", "Add the grid's column for each saved epoch as soon as it is saved (training pauses for it)"
+    )
     grid_weights: str = _f("0, 0.4, 0.6, 0.8, 1.0", "grid", "LoRA weights of the grid's rows, comma-separated")
     grid_prompt: str = _f("", "grid", "Prompt of the grid (empty = trigger word and the most frequent tags)")
     grid_negative_prompt: str = _f("", "grid", "Negative prompt of the grid")

@@ -349,6 +349,38 @@ def grid_after_training(
     return make_grid(spec, generate, events, stop, Path(files[0]).parent / f"{cfg.output_name}_grid.png")
 
 
+class GrowingGrid:
+    """The grid built a column at a time, as each epoch is saved (``grid_each_epoch``): every call
+    of :meth:`add_column` generates the new column's cells only and saves the grid so far under
+    the run's grid name. Subscribe it to the run's events to mark the lowest validation loss."""
+
+    def __init__(self, cfg, generate: Callable[[Cell], Image.Image], events, stop, trigger: str = ""):
+        self.cfg, self.generate, self.events, self.stop, self.trigger = cfg, generate, events, stop, trigger
+        self.files: list[str] = []
+        self.validation: dict[int, float] = {}
+        self._cells: dict[tuple[str, float, int], Image.Image] = {}
+        self.result: GridResult | None = None
+
+    def __call__(self, ev) -> None:
+        from .train.events import ValidationLoss
+
+        if isinstance(ev, ValidationLoss):
+            self.validation[ev.epoch] = ev.loss
+
+    def _cached(self, cell: Cell) -> Image.Image:
+        key = (cell.column.path, cell.weight, cell.seed)
+        if key not in self._cells:
+            self._cells[key] = self.generate(cell)
+        return self._cells[key]
+
+    def add_column(self, path: str | Path) -> GridResult:
+        self.files.append(str(path))
+        spec = grid_spec_from_config(self.cfg, self.files, self.trigger, self.validation)
+        out = Path(path).parent / f"{self.cfg.output_name}_grid.png"
+        self.result = make_grid(spec, self._cached, self.events, self.stop, out)
+        return self.result
+
+
 def grid_of_files(cfg, files: list[str], generate: Callable[[Cell], Image.Image], events, stop):
     """The "Build grid" button: any saved LoRA files x ``cfg.grid_weights``, saved next to the first
     file under a name no earlier grid has."""

@@ -77,3 +77,39 @@ def test_labels_work_with_the_installed_pillow():
     cells = [[Image.new("RGB", (32, 32), (255, 0, 0))] * 2]
     out = draw_grid(cells, ["epoch 1", "epoch 2"], ["w 0.8"], title="t")
     assert out.size[0] > 64 and out.size[1] > 32
+
+
+def test_grid_grows_a_column_per_saved_epoch_while_training(tiny_sd, tiny_config):
+    """grid_each_epoch: after each saved epoch the grid so far is saved with that epoch's column;
+    the cells are made from the saved files with the training LoRA switched off, so they equal a
+    grid built from the same files after training."""
+    from lora_trainer.grid import cell_origin, read_grid_parameters
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.train.events import EventBus, GridSaved, StopControl
+
+    cfg = tiny_config.with_overrides(
+        ["grid_each_epoch=true", "grid_after_training=true", "grid_weights=0, 1", "grid_steps=3", "unet_lr=5e-3"]
+    )
+    seen = []
+
+    def listener(ev):
+        if isinstance(ev, GridSaved):
+            params = read_grid_parameters(ev.path)
+            with Image.open(ev.path) as im:
+                seen.append(([c["label"] for c in params["columns"]], np.asarray(im.convert("RGB")).copy(), params))
+
+    StandaloneHost(tiny_sd).run(cfg, EventBus(listener), StopControl())
+    assert [labels for labels, _, _ in seen] == [["epoch 1"], ["epoch 1", "epoch 2"]]
+    files = [str(tiny_config.output_dir + "/t-000001.safetensors"), str(tiny_config.output_dir + "/t.safetensors")]
+    spec = GridSpec(files=files, weights=[0.0, 1.0], seeds=[cfg.grid_seed], prompt=seen[-1][2]["prompt"], steps=3,
+                    cfg_scale=cfg.grid_cfg_scale, width=64, height=64, sampler_name="DDIM")
+    after = build_grid(spec, StandaloneGenerator(tiny_sd))
+    final, params = seen[-1][1], seen[-1][2]
+    for r in range(2):
+        for c in range(2):
+            x, y = cell_origin(params, r, c)
+            assert np.array_equal(final[y : y + 64, x : x + 64], np.asarray(after.images[r * 2 + c])), (r, c)
+    # the first snapshot's cells are the same pictures as the final grid's first column
+    x1, y1 = cell_origin(seen[0][2], 1, 0)
+    x2, y2 = cell_origin(params, 1, 0)
+    assert np.array_equal(seen[0][1][y1 : y1 + 64, x1 : x1 + 64], final[y2 : y2 + 64, x2 : x2 + 64])

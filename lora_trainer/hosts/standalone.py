@@ -73,14 +73,29 @@ class StandaloneHost:
         runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
         events.info(f"base model: {cfg.pretrained_model or 'the loaded model'}")
         bundle = self.model_bundle(cfg, runtime)
-        result = train(cfg, bundle, events, stop, runtime=runtime, scan=scan)
+        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
+        growing = None
+        if cfg.grid_each_epoch and getattr(self._parts, "family", "") != "sdxl":
+            from ..grid import GrowingGrid
+            from ..world.sample import lora_weight
+
+            growing = GrowingGrid(cfg, StandaloneGenerator(self._parts), events, stop, trigger)
+            events.subscribe(growing)
+
+            def after_save(path, network) -> None:
+                with lora_weight(network, 0.0):  # the training LoRA off: each cell applies its file
+                    growing.add_column(path)
+
+        result = train(cfg, bundle, events, stop, runtime=runtime, scan=scan,
+                       after_save=after_save if growing is not None else None)
         self.refresh_loras()
+        if growing is not None:
+            return  # the grid grew with the epochs
         if cfg.grid_after_training and result.files and not stop.requested and getattr(self._parts, "family", "") == "sdxl":
             events.warning("the grid after training is not available for SDXL in the standalone host yet: skipped")
         elif cfg.grid_after_training and result.files and not stop.requested:
             from ..grid import grid_after_training
 
-            trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
             grid_after_training(
                 cfg, [str(p) for p in result.files], StandaloneGenerator(self._parts), events, stop, trigger,
                 result.validation_losses,

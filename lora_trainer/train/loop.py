@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,9 +115,12 @@ def train(
     runtime: Runtime | None = None,
     scan: DatasetScan | None = None,
     overwrite: bool = False,
+    after_save: Callable[[Path, LoRANetwork], None] | None = None,
 ) -> TrainResult:
     """Train one LoRA on ``bundle`` and write its files to ``cfg.output_dir``.
 
+    ``after_save(path, network)`` runs after each saved file, without grad, with the training
+    network still attached (``world.sample.lora_weight(network, 0)`` turns it off): the growing grid uses it.
     The model is left as it was: hooks removed, base weights untouched, grad flags restored."""
     events = events or EventBus()
     stop = stop or StopControl()
@@ -222,6 +226,9 @@ def train(
         save_lora_file(path, network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]), meta)
         result.files.append(path)
         events.emit(FileSaved(str(path), epoch, step, final))
+        if after_save is not None:
+            with torch.no_grad():
+                after_save(path, network)
 
     try:
         for root in bundle.trainable_roots:
