@@ -68,6 +68,7 @@ def _non_defaults() -> TrainConfig:
         validation_loss=False,
         validation_split=0.2,
         grid_after_training=False,
+        grid_each_epoch=True,
         grid_weights="0, 0.5, 1",
         grid_prompt="ohwx woman, smiling",
         grid_negative_prompt="blurry",
