@@ -82,3 +82,58 @@ def test_build_grid_waits_for_the_running_generation_and_can_be_stopped(host_env
     t.join(5)
     assert not t.is_alive() and txt2img == []
     lock.release()
+
+
+def test_grid_grows_per_epoch_and_the_hosts_lora_never_reaches_training(host_env, cfg, monkeypatch):  # noqa: F811
+    """grid_each_epoch on A1111: after each saved epoch its column goes through txt2img, where the
+    host merges the prompt's LoRA into the weights (emulated); training then goes on from clean
+    weights: the files equal those of a run without the grid."""
+    import torch
+    from safetensors.torch import load_file
+    from test_host_a1111 import FakeNetwork
+
+    from lora_trainer.grid import read_grid_parameters
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, GridSaved, StopControl
+
+    sd = host_env.sd
+    prompts = []
+    processing = types.ModuleType("modules.processing")
+
+    class P:
+        def __init__(self, **kw):
+            self.kw = kw
+
+        def close(self):
+            pass
+
+    def process_images(p):
+        prompts.append(p.kw["prompt"])
+        if not p.kw["prompt"].endswith(":0>"):
+            # the host applies the prompt's LoRA: merged into the weights by the next forward
+            host_env.networks.loaded_networks[:] = [FakeNetwork(p.kw["prompt"])]
+            with torch.no_grad():
+                cond = sd.cond_stage_model([p.kw["prompt"]])
+                sd.model.diffusion_model(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), context=cond)
+        return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (len(prompts) * 20, 0, 0))])
+
+    processing.StableDiffusionProcessingTxt2Img = P
+    processing.process_images = process_images
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
+
+    host = A1111Host()
+    plain = cfg.with_overrides(["output_name=plain"])
+    host.run(plain, EventBus(), StopControl())
+    assert prompts == []
+    grids = []
+    grown = cfg.with_overrides(["grid_each_epoch=true", "grid_after_training=true", "grid_weights=0, 1", "grid_prompt=ohwx"])
+    host.run(grown, EventBus(lambda e: grids.append(
+        [c["epoch"] for c in read_grid_parameters(e.path)["columns"]]) if isinstance(e, GridSaved) else None), StopControl())
+    assert grids == [[1], [1, 2]]  # a column per epoch, no second grid at the end
+    assert prompts == ["ohwx, <lora:t-000001:0>", "ohwx, <lora:t-000001:1>", "ohwx, <lora:t:0>", "ohwx, <lora:t:1>"]
+    a, b = load_file(host_env.lora_dir / "plain.safetensors"), load_file(host_env.lora_dir / "t.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert host_env.networks.loaded_networks == []

@@ -11,6 +11,14 @@ traps are is written up in docs/HOSTS.md; the ones handled here:
   ``gradient_checkpointing`` option uses ``torch.utils.checkpoint`` non-reentrant instead;
 * generation is locked out with the host's ``call_queue.queue_lock`` for the whole run; progress goes
   to ``shared.state`` (``/sdapi/v1/progress``), and the host's Interrupt stops the run.
+
+SDXL (sgm's ``DiffusionEngine``): the text goes through the host's own embedder wrappers
+(``conditioner.embedders[0]`` CLIP-L, ``[1]`` OpenCLIP bigG: chunking, emphasis, embeddings) but not
+through ``GeneralConditioner.forward``, which runs frozen embedders under ``no_grad``; the UNet's ``y``
+is the pooled output followed by the host's size embedders of each image's sizes, in the
+conditioner's order, as ``get_learned_conditioning`` builds it. OpenCLIP's q/k/v are one fused
+``in_proj`` in ``nn.MultiheadAttention``: their LoRAs are applied through the attention's weights
+(``network.lora.FusedAttentionLoRA``) and saved as separate ``lora_te2_..._{q,k,v}_proj`` keys.
 """
 
 from __future__ import annotations
@@ -33,7 +41,15 @@ from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 from ..model.bundle import ModelBundle
 from ..model.ldm import checkpoint_ldm_unet_blocks
-from ..network.targets import TEXT_CONTAINERS, Target, find_targets
+from ..model.sdxl import SDXLCond, time_ids_from_sizes
+from ..network.targets import (
+    TEXT_CONTAINERS,
+    UNET_ATTENTION_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    Target,
+    find_targets,
+    openclip_text_targets,
+)
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
 
@@ -91,20 +107,101 @@ def _hf_text_encoder(sd_model: Any) -> nn.Module | None:
 
 
 def model_family(sd_model: Any) -> str:
-    """``sd1`` or ``sd2``; a clear error for what the WebUI adapter cannot train yet."""
+    """``sd1``, ``sd2`` or ``sdxl``; a clear error for what the WebUI adapter cannot train."""
+    for flag in ("is_sd3", "is_ssd"):
+        if getattr(sd_model, flag, False):
+            raise LoraTrainerError(
+                f"The loaded model ({flag[3:].upper()}) cannot be trained here; load an SD1.x, SD2.x or SDXL checkpoint."
+            )
     if getattr(sd_model, "is_sdxl", False):
-        raise LoraTrainerError(
-            "SDXL training in the WebUI is not supported yet. Load an SD1.x or SD2.x checkpoint, "
-            "or train SDXL with the standalone trainer (lora_trainer train)."
-        )
+        _SDXLConditioning.check(sd_model)
+        return "sdxl"
     if getattr(sd_model, "is_sd2", False):
         return "sd2"
     if getattr(sd_model, "is_sd1", False):
         return "sd1"
-    for flag in ("is_sd3", "is_ssd"):
-        if getattr(sd_model, flag, False):
-            raise LoraTrainerError(f"The loaded model ({flag[3:].upper()}) cannot be trained here; load an SD1.x or SD2.x checkpoint.")
-    raise LoraTrainerError("The loaded model is not an SD1.x or SD2.x checkpoint; load one to train a LoRA on it.")
+    raise LoraTrainerError("The loaded model is not an SD1.x, SD2.x or SDXL checkpoint; load one to train a LoRA on it.")
+
+
+SIZE_KEYS = {
+    # sgm conditioner input key -> columns of our per-image sizes (orig h, w, crop top, left, target h, w)
+    "original_size_as_tuple": slice(0, 2),
+    "crop_coords_top_left": slice(2, 4),
+    "target_size_as_tuple": slice(4, 6),
+}
+
+
+class _SDXLConditioning:
+    """SDXL's conditioning as A1111 computes it, with gradients into text-encoder LoRAs.
+
+    ``conditioner.embedders``: ``[0]`` A1111's CLIP-L wrapper (``wrapped.transformer`` a HF
+    ``CLIPTextModel``), ``[1]`` its OpenCLIP wrapper (``wrapped.model`` the open_clip model, output
+    ``(penultimate, pooled)``), then one size embedder per SIZE_KEYS entry."""
+
+    def __init__(self, sd_model: Any, device: torch.device):
+        self.check(sd_model)
+        embedders = list(sd_model.conditioner.embedders)
+        self.text = embedders[:2]
+        self.sizes = [(e, SIZE_KEYS[e.input_key]) for e in embedders[2:]]
+        self.te1: nn.Module = embedders[0].wrapped.transformer
+        self.te2: nn.Module = embedders[1].wrapped.model
+        self.device = device
+        self.unet = sd_model.model.diffusion_model
+        self.dtype = _param_dtype(self.unet)
+
+    @staticmethod
+    def check(sd_model: Any) -> None:
+        """Refuse an SDXL-family model whose conditioning this adapter does not reproduce (the refiner,
+        an SDXL with other embedders), before anything is changed."""
+        embedders = list(getattr(getattr(sd_model, "conditioner", None), "embedders", None) or [])
+        te1 = getattr(getattr(embedders[0], "wrapped", None), "transformer", None) if embedders else None
+        te2 = getattr(getattr(embedders[1], "wrapped", None), "model", None) if len(embedders) > 1 else None
+        keys = [getattr(e, "input_key", None) for e in embedders]
+        if (
+            len(embedders) < 3
+            or not hasattr(te1, "text_model")
+            or not hasattr(getattr(te2, "transformer", None), "resblocks")
+            or keys[:2] != ["txt", "txt"]
+            or any(k not in SIZE_KEYS for k in keys[2:])
+        ):
+            raise LoraTrainerError(
+                "The loaded SDXL-type model is not an SDXL base model (CLIP-L + OpenCLIP bigG text encoders and "
+                f"size conditioning; its conditioner has {keys}): an SDXL refiner cannot be trained here."
+            )
+
+    def encode_text(self, captions: list[str]) -> SDXLCond:
+        """What ``conditioner(...)`` gives for ``txt`` (crossattn: CLIP-L then OpenCLIP states; the pooled
+        OpenCLIP output), from the host's wrappers called directly: they have no ``no_grad``."""
+        crossattn: list[torch.Tensor] = []
+        vectors: list[torch.Tensor] = []
+        for emb in self.text:
+            out = emb(list(captions))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                (crossattn if o.dim() == 3 else vectors).append(o)
+        if len(vectors) != 1:
+            raise LoraTrainerError(f"the SDXL text encoders gave {len(vectors)} pooled outputs, expected 1")
+        return SDXLCond(torch.cat(crossattn, dim=2).to(self.device), vectors[0].to(self.device))
+
+    def vector(self, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's ``y``: the pooled text output, then each size embedder's embedding of its columns."""
+        parts = [pooled.to(self.device)]
+        for emb, cols in self.sizes:
+            parts.append(emb(time_ids[:, cols].to(self.device)).to(self.device))
+        return torch.cat([p.float() for p in parts], dim=1)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLCond) -> torch.Tensor:
+        tids = cond.time_ids
+        if tids is None:  # the square, uncropped size of the latents
+            h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
+            tids = time_ids_from_sizes([(h, w, 0, 0, h, w)] * x_t.shape[0])
+        if tids.shape[0] != x_t.shape[0]:
+            raise ValueError(f"{tids.shape[0]} sizes for a batch of {x_t.shape[0]}")
+        y = self.vector(cond.pooled, tids)
+        # as A1111's apply_model: the conditioning in the UNet's dtype
+        return self.unet(x_t, timesteps=t, context=cond.hidden.to(self.device, self.dtype), y=y.to(self.dtype))
+
+    def text_encoder_targets(self) -> list[Target]:
+        return find_targets(self.te1, "lora_te1", TEXT_CONTAINERS) + openclip_text_targets(self.te2, "lora_te2")
 
 
 def _loaded_model() -> Any:
@@ -197,15 +294,16 @@ class A1111Host:
         if in_ch != 4:
             raise LoraTrainerError(
                 f"The loaded checkpoint's UNet takes {in_ch} input channels (an inpainting or instruct model); "
-                "load a plain SD1.x/SD2.x checkpoint to train a LoRA."
+                "load a plain SD1.x/SD2.x/SDXL checkpoint to train a LoRA."
             )
-        te = _hf_text_encoder(sd_model)
         vae: nn.Module = sd_model.first_stage_model
         device = runtime.device
         dtype = _param_dtype(unet)
         vae_dtype = _param_dtype(vae)
+        xl = _SDXLConditioning(sd_model, device) if family == "sdxl" else None
+        text_root = sd_model.conditioner if xl is not None else sd_model.cond_stage_model
 
-        state = _HostModelState(unet, [m for m in (sd_model.cond_stage_model, vae) if isinstance(m, nn.Module)])
+        state = _HostModelState(unet, [m for m in (text_root, vae) if isinstance(m, nn.Module)])
         state.prepare()
         try:
             self.clear_host_loras(sd_model, device)
@@ -217,6 +315,57 @@ class A1111Host:
             prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
         else:
             prediction_type = cfg.prediction_type
+
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        vae_file = _loaded_vae_file()
+        vae_name = os.path.basename(vae_file) if vae_file else ""
+        common: dict[str, Any] = dict(
+            family=family,
+            prediction_type=prediction_type,
+            alphas_cumprod=sd_model.alphas_cumprod.detach().to("cpu", torch.float32).clone(),
+            device=device,
+            dtype=dtype,
+            model_name=str(getattr(info, "title", "") or getattr(info, "model_name", "") or ""),
+            model_hash=getattr(info, "sha256", None) or None,
+            vae_name=vae_name,
+            vae_id=f"{vae_name}:{module_fingerprint(vae)}",
+            enable_gradient_checkpointing=state.gradient_checkpointing,
+            release=state.restore,
+        )
+
+        if xl is not None:
+
+            @torch.no_grad()
+            def encode_images_xl(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                return _encode_sgm_vae(vae, pixels.to(device, vae_dtype), generator, float(sd_model.scale_factor))
+
+            def condition(cond: SDXLCond, sizes: list[tuple[int, ...]] | None) -> SDXLCond:
+                if sizes is None:
+                    return cond
+                tids = time_ids_from_sizes(sizes)
+                if tids.shape[0] != cond.hidden.shape[0]:
+                    raise ValueError(f"{tids.shape[0]} sizes for a batch of {cond.hidden.shape[0]}")
+                return SDXLCond(cond.hidden, cond.pooled, tids)
+
+            def unet_targets_xl(include_conv: bool) -> list[Target]:
+                # kohya's SDXL keys are the SGM module paths themselves: no name map
+                conv = UNET_CONV_CONTAINERS if include_conv else frozenset()
+                return find_targets(unet, "lora_unet", UNET_ATTENTION_CONTAINERS, conv)
+
+            return ModelBundle(
+                **common,
+                encode_images=encode_images_xl,
+                encode_text=xl.encode_text,
+                predict=xl.predict,
+                unet_targets=unet_targets_xl,
+                text_encoder_targets=xl.text_encoder_targets,
+                trainable_roots=[unet, xl.te1, xl.te2],
+                default_resolution=1024,
+                condition=condition,
+                concat_conditions=SDXLCond.cat,
+            )
+
+        te = _hf_text_encoder(sd_model)
 
         @torch.no_grad()
         def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -235,7 +384,7 @@ class A1111Host:
 
         def encode_text(captions: list[str]) -> torch.Tensor:
             cond = sd_model.cond_stage_model(list(captions))
-            if isinstance(cond, (tuple, list)):  # SDXL-style (cond, pooled): not reached for SD1/SD2
+            if isinstance(cond, (tuple, list)):
                 cond = cond[0]
             return cond.to(device)
 
@@ -248,35 +397,20 @@ class A1111Host:
         def text_encoder_targets() -> list[Target]:
             return find_targets(te, "lora_te", TEXT_CONTAINERS) if te is not None else []
 
-        info = getattr(sd_model, "sd_checkpoint_info", None)
-        model_name = str(getattr(info, "title", "") or getattr(info, "model_name", "") or "")
-        model_hash = getattr(info, "sha256", None) or None
-        vae_file = _loaded_vae_file()
-        vae_name = os.path.basename(vae_file) if vae_file else ""
         return ModelBundle(
-            family=family,
-            prediction_type=prediction_type,
-            alphas_cumprod=sd_model.alphas_cumprod.detach().to("cpu", torch.float32).clone(),
+            **common,
             encode_images=encode_images,
             encode_text=encode_text,
             predict=predict,
             unet_targets=unet_targets,
             text_encoder_targets=text_encoder_targets,
-            device=device,
-            dtype=dtype,
             trainable_roots=[unet] + ([te] if te is not None else []),
-            model_name=model_name,
-            model_hash=model_hash,
-            vae_name=vae_name,
-            vae_id=f"{vae_name}:{module_fingerprint(vae)}",
             default_resolution=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
-            enable_gradient_checkpointing=state.gradient_checkpointing,
-            release=state.restore,
         )
 
     def clear_host_loras(self, sd_model: Any, device: torch.device | None = None) -> bool:
         """Take the host's merged ``<lora:..>`` weights out of the model: empty ``networks.loaded_networks``,
-        then one forward without grad through the text encoder and the UNet, in which A1111's patched
+        then one forward without grad through the text encoders and the UNet, in which A1111's patched
         layer forwards copy their clean backups back. Returns False when the Lora extension is absent."""
         networks = _networks_module()
         if networks is None:
@@ -290,13 +424,17 @@ class A1111Host:
         autocast = (
             torch.autocast(device.type, dtype=dtype) if dtype in (torch.float16, torch.bfloat16) else contextlib.nullcontext()
         )
+        x = torch.zeros(1, getattr(unet, "in_channels", 4), 8, 8, device=device, dtype=dtype)
+        t = torch.zeros(1, dtype=torch.long, device=device)
         with torch.no_grad(), autocast:
-            cond = sd_model.cond_stage_model([""])
-            if isinstance(cond, (tuple, list)):
-                cond = cond[0]
-            x = torch.zeros(1, getattr(unet, "in_channels", 4), 8, 8, device=device, dtype=dtype)
-            t = torch.zeros(1, dtype=torch.long, device=device)
-            unet(x, t, context=cond.to(device))
+            if getattr(sd_model, "is_sdxl", False):
+                xl = _SDXLConditioning(sd_model, device)
+                xl.predict(x, t, xl.encode_text([""]))
+            else:
+                cond = sd_model.cond_stage_model([""])
+                if isinstance(cond, (tuple, list)):
+                    cond = cond[0]
+                unet(x, t, context=cond.to(device))
         return True
 
     # -- files ---------------------------------------------------------------------
@@ -355,6 +493,7 @@ class A1111Host:
                 and result.files
                 and not stop.requested
                 and cfg.grid_after_training
+                and not cfg.grid_each_epoch  # that grid grew with the epochs
                 and bool(getattr(shared.opts, "lora_trainer_grid_after_training", True))
             ):
                 self._grid(cfg, result, scan, events, stop, shared)
@@ -400,6 +539,31 @@ class A1111Host:
         finally:
             state.end()
 
+    def _growing_grid(self, cfg: TrainConfig, scan, bus: EventBus, stop: StopControl, sd_model, mirror):
+        """``after_save`` for ``grid_each_epoch``: the new epoch's column through the host's txt2img,
+        with the training LoRA switched off; the host's LoRA is taken out of the weights again
+        before training goes on. A failed column is reported, never fatal."""
+        from ..grid import GrowingGrid
+        from ..world.sample import lora_weight
+
+        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
+        growing = GrowingGrid(cfg, A1111Generator(), bus, stop, trigger)
+        bus.subscribe(growing)
+
+        def after_save(path, network) -> None:
+            self.refresh_loras()
+            mirror.restore_vae()  # generation decodes with the VAE
+            try:
+                with lora_weight(network, 0.0):
+                    growing.add_column(path)
+            except Exception as e:  # noqa: BLE001 - the file is saved; training goes on
+                bus.warning(f"the grid column for {Path(path).name} could not be made ({type(e).__name__}: {e})")
+            finally:
+                self.clear_host_loras(sd_model)
+                mirror.unload_again()
+
+        return after_save
+
     def _run_locked(self, cfg: TrainConfig, scan, events: EventBus, stop: StopControl, shared, train):
         state = shared.state
         state.begin(job=JOB_NAME)
@@ -432,7 +596,8 @@ class A1111Host:
                 with _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip) as set_skip:
                     if not set_skip and cfg.clip_skip != 1:
                         events.warning("this WebUI has no Clip skip option: clip_skip is ignored")
-                    return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
+                    after_save = self._growing_grid(cfg, scan, bus, stop, sd_model, mirror) if cfg.grid_each_epoch else None
+                    return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan, after_save=after_save)
             finally:
                 bundle.release()
                 mirror.restore_vae()
@@ -480,6 +645,26 @@ class A1111Generator:
         with closing(p):
             processed = processing.process_images(p)
         return processed.images[0]
+
+
+def _encode_sgm_vae(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator | None, scale: float) -> torch.Tensor:
+    """Scaled latents from an sgm/ldm ``AutoencoderKL``: the posterior's mean, or a sample drawn with
+    ``generator`` (sgm's ``encode`` samples with the global RNG, so the encoder is called directly)."""
+    moments = vae.quant_conv(vae.encoder(pixels))
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    if generator is None:
+        z = mean
+    else:
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # as DiagonalGaussianDistribution
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+        z = mean + std * noise
+    latents = (scale * z).detach().float()
+    if not torch.isfinite(latents).all():
+        raise LoraTrainerError(
+            f"The VAE gave non-finite latents in {str(mean.dtype).replace('torch.', '')} (SDXL's VAE overflows in "
+            "half precision): start the WebUI with --no-half-vae, or select an fp16-fixed SDXL VAE."
+        )
+    return latents.clone()
 
 
 def _loaded_vae_file() -> str | None:
@@ -555,6 +740,10 @@ class _StateMirror:
         self._vae_device = dev
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+    def unload_again(self) -> None:
+        """After a grid column: back to the CPU if the VAE was there (the latents are all cached)."""
+        self._maybe_unload_vae()
 
     def restore_vae(self) -> None:
         if self._vae_device is not None and self.sd_model is not None:
