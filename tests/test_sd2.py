@@ -143,3 +143,37 @@ def test_diffusers_loads_every_key_and_matches(tiny_sd2, tiny_config, tmp_path):
 
     assert sum(isinstance(m, LoraLayer) for m in reference.unet.modules()) == n_unet
     assert sum(isinstance(m, LoraLayer) for m in reference.text_encoder.modules()) == n_te
+
+
+def test_sd2_single_file_in_a1111_layout_loads_offline(tiny_sd2, tmp_path):
+    """An SD2 checkpoint as A1111 keeps it (OpenCLIP text tower under cond_stage_model.model. with
+    fused q/k/v) loads with its diffusers folder as model_config_dir: same weights, SD2, v-prediction."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.model.ldm_names import to_a1111_checkpoint
+    from lora_trainer.model.loading import load_sd
+    from lora_trainer.model.sdxl import openclip_from_hf_state_dict
+    from lora_trainer.model.tiny import save_diffusers_folder
+
+    folder = save_diffusers_folder(tiny_sd2, tmp_path / "tiny-sd2")
+    ckpt = to_a1111_checkpoint(
+        tiny_sd2.unet.state_dict(), tiny_sd2.vae.state_dict(), {}, dict(tiny_sd2.unet.config), dict(tiny_sd2.vae.config)
+    )
+    te = dict(tiny_sd2.text_encoder.state_dict())
+    te["text_projection.weight"] = torch.eye(TE_WIDTH)  # OpenCLIP-H files carry it; SD2 does not use it
+    openclip = openclip_from_hf_state_dict(te, prefix="cond_stage_model.model.")
+    assert any(k.endswith("attn.in_proj_weight") for k in openclip)
+    ckpt.update(openclip)
+    path = tmp_path / "sd2-tiny.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in ckpt.items()}, str(path))
+
+    parts = load_sd(path, folder)
+    assert parts.family == "sd2"
+    assert make_sd_bundle(parts).base_model_version == "sd_v2_v"
+    for name in ("unet", "vae", "text_encoder"):
+        ours = getattr(tiny_sd2, name).state_dict()
+        loaded = getattr(parts, name).state_dict()
+        for k, v in ours.items():
+            if k.endswith("position_ids"):
+                continue
+            assert torch.equal(loaded[k].to(v.dtype), v), f"{name}: {k}"
