@@ -21,5 +21,5 @@ deactivate
 for g in 3 4; do
     echo "== training tab under gradio $g =="
     bash tools/setup_gradio.sh "$g"
-    ".venv-gr$g/bin/python" -m pytest -q tests/test_ui.py tests/test_api.py tests/test_grid.py tests/test_webui_register.py tests/test_browser.py
+    ".venv-gr$g/bin/python" -m pytest -q tests/test_ui.py tests/test_prepare.py tests/test_api.py tests/test_grid.py tests/test_webui_register.py tests/test_browser.py
 done

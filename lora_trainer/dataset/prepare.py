@@ -513,3 +513,79 @@ def parse_replacements(text: str) -> dict[str, str]:
         if old.strip():
             out[old.strip()] = new.strip()
     return out
+
+
+# ------------------------------------------------------------------ captioning
+
+
+@dataclass
+class CaptionResult:
+    written: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    """Images that already had a caption (kept unless ``overwrite``)."""
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    stopped: bool = False
+
+    def summary(self) -> str:
+        lines = [f"{len(self.written)} captions written, {len(self.kept)} existing captions kept"]
+        if self.failed:
+            lines.append(
+                f"{len(self.failed)} images could not be captioned: "
+                + "; ".join(f"{p.name}: {why}" for p, why in self.failed[:10])
+            )
+        if self.stopped:
+            lines.append("stopped before the end")
+        return "\n".join(lines)
+
+
+def caption_images(
+    folder: str | Path,
+    captioner,
+    caption_extension: str = ".txt",
+    overwrite: bool = False,
+    prefix: str = "",
+    recursive: bool = True,
+    progress=None,
+    should_stop=lambda: False,
+) -> CaptionResult:
+    """Write a caption next to every image of ``folder`` with ``captioner(image) -> str`` (BLIP,
+    DeepBooru, a tagger...). Existing captions are kept unless ``overwrite``; ``prefix`` (a trigger
+    word) goes first. A captioner with ``start()`` / ``stop()`` (a model to load and unload) gets
+    them around the batch. An image that fails is listed with the reason; the others go on."""
+    from PIL import Image, ImageOps
+
+    from .images import to_rgb
+
+    images = list_images(folder, recursive=recursive)
+    if not images:
+        raise DatasetError(Path(folder), "no images to caption here", "choose the folder that holds the images")
+    ext = _ext(caption_extension)
+    res = CaptionResult()
+    todo = [img for img in images if overwrite or not img.with_suffix(ext).exists()]
+    res.kept = [img.with_suffix(ext) for img in images if img not in todo]
+    start, stop = getattr(captioner, "start", None), getattr(captioner, "stop", None)
+    if todo and callable(start):
+        start()
+    try:
+        for i, img in enumerate(todo):
+            if should_stop():
+                res.stopped = True
+                break
+            try:
+                with Image.open(img) as im:
+                    picture = to_rgb(ImageOps.exif_transpose(im))
+                text = str(captioner(picture) or "").strip()
+            except Exception as e:  # noqa: BLE001 - one bad image must not lose the others' captions
+                res.failed.append((img, f"{type(e).__name__}: {e}"))
+                continue
+            if prefix.strip():
+                tags = [t for t in split_tags(text) if _norm(t) != _norm(prefix)]
+                text = ", ".join([prefix.strip(), *tags]) if "," in text or not text else f"{prefix.strip()}, {text}"
+            atomic_write_text(img.with_suffix(ext), text + "\n")
+            res.written.append(img.with_suffix(ext))
+            if progress:
+                progress(i + 1, len(todo))
+    finally:
+        if todo and callable(stop):
+            stop()
+    return res

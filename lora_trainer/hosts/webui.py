@@ -116,6 +116,7 @@ def make_backend(kind: str | None = None):
     """One TrainingJob over the detected host, and the tab's backend for it."""
     from ..job import TrainingJob
     from ..ui.tab import TabBackend
+    from .host_tools import host_captioners, host_upscalers
 
     host = make_host(kind)
     job = TrainingJob(host.run, grid=getattr(host, "build_grid", None))
@@ -146,7 +147,7 @@ def make_backend(kind: str | None = None):
         defaults=defaults,
         hidden_fields=HIDDEN_FIELDS,
         notes=notes,
-        extra={"job": job, "host": host},
+        extra={"job": job, "host": host, "upscalers": host_upscalers, "captioners": host_captioners},
     )
 
 

@@ -54,6 +54,8 @@ class PrepareActions:
         user_preset_dir: str | Path | None = None,
         on_config: Callable[[TrainConfig], None] | None = None,
         upscaler: Callable | None = None,
+        upscalers: dict[str, Callable] | None = None,
+        captioners: dict[str, Callable] | None = None,
     ):
         if defaults is None:
             self._defaults: Callable[[], TrainConfig] = TrainConfig
@@ -64,6 +66,10 @@ class PrepareActions:
         self.user_preset_dir = Path(user_preset_dir).expanduser() if user_preset_dir else None
         self.on_config = on_config
         self.upscaler = upscaler
+        self.upscalers = dict(upscalers or {})
+        """The host's upscalers by name (chosen in the Crop tab); LANCZOS when none is chosen."""
+        self.captioners = dict(captioners or {})
+        """The host's captioners by name: ``captioner(image) -> str``, optional ``start()`` / ``stop()``."""
 
     # ---------------------------------------------------------------- config state
     def initial_state(self) -> dict[str, Any]:
@@ -91,13 +97,15 @@ class PrepareActions:
         return _table(REPORT_HEADERS, rep.rows()), rep.summary()
 
     # ---------------------------------------------------------------- crop / enlarge
-    def crop(self, source: str, out_dir: str, mode: str, size: float, margin: float, color: str, overwrite: bool):
+    def crop(self, source: str, out_dir: str, mode: str, size: float, margin: float, color: str, overwrite: bool,
+             upscaler_name: str | None = None):
         from ..dataset.faces import crop_images
 
+        upscaler = self.upscalers.get(upscaler_name or "", self.upscaler)
         try:
             rep = crop_images(
                 source.strip(), out_dir.strip(), mode=mode or "face", size=int(size or 512), margin=float(margin),
-                color=color or "#ffffff", upscaler=self.upscaler, overwrite=bool(overwrite),
+                color=color or "#ffffff", upscaler=upscaler, overwrite=bool(overwrite),
             )
         except (LoraTrainerError, ValueError, OSError) as e:
             return _error(e), []
@@ -121,6 +129,24 @@ class PrepareActions:
             return _error(e)
         listed = [str(p) for p in (res.changed + res.created)[:20]]
         return res.summary() + ("\n" + "\n".join(listed) if listed else "")
+
+    def caption(self, folder: str, captioner_name: str, caption_extension: str, trigger: str, overwrite: bool) -> str:
+        from ..dataset.prepare import caption_images
+
+        captioner = self.captioners.get(captioner_name or "")
+        if captioner is None:
+            return (
+                "No captioner chosen. In a WebUI the list holds its BLIP / DeepBooru interrogators (and a WD14 "
+                "tagger extension's models); otherwise write captions yourself, or use 'caption images without one'."
+            )
+        try:
+            res = caption_images(
+                folder.strip(), captioner, caption_extension=caption_extension or ".txt", overwrite=bool(overwrite),
+                prefix=(trigger or "").strip(),
+            )
+        except (LoraTrainerError, ValueError, OSError) as e:
+            return _error(e)
+        return res.summary() + ("\n" + "\n".join(str(p) for p in res.written[:20]) if res.written else "")
 
     def tag_frequencies(self, folder: str, caption_extension: str):
         from ..dataset.prepare import tag_frequencies
@@ -239,18 +265,21 @@ def build_prepare_tab(
     user_preset_dir: str | Path | None = None,
     on_config: Callable[[TrainConfig], None] | None = None,
     upscaler: Callable | None = None,
+    upscalers: dict[str, Callable] | None = None,
+    captioners: dict[str, Callable] | None = None,
 ):
     """The ``gr.Blocks`` of the Prepare sub-tab.
 
     ``defaults``: the host's default config (or a callable giving it); ``user_preset_dir``: where
     user presets are saved; ``on_config``: called with every config the tab produces; ``upscaler``:
-    ``upscaler(image, scale) -> image`` to enlarge small crops (the host's ESRGAN ...), LANCZOS when None.
+    ``upscaler(image, scale) -> image`` to enlarge small crops, LANCZOS when None; ``upscalers`` /
+    ``captioners``: the host's own, by name, offered in the Crop and Tags tabs.
     The returned Blocks has ``lora_trainer_prepare``: the config components (``config_state``,
     ``config_toml``) for wiring into the training form, and the ``actions`` / ``handlers``.
     """
     import gradio as gr
 
-    act = PrepareActions(defaults, user_preset_dir, on_config, upscaler)
+    act = PrepareActions(defaults, user_preset_dir, on_config, upscaler, upscalers, captioners)
     start = act.config_of(None)
     with gr.Blocks(analytics_enabled=False) as tab:
         config_state = gr.State(start.to_dict())
@@ -275,6 +304,10 @@ def build_prepare_tab(
                                         info="in face sizes: 0.3 head only ... 1.5 head and shoulders")
                 crop_color = gr.Textbox(label="pad colour", value="#ffffff")
                 crop_over = gr.Checkbox(label="overwrite existing outputs", value=False)
+                crop_up = gr.Dropdown(["Lanczos (built in)", *act.upscalers], value="Lanczos (built in)",
+                                      label="enlarge small crops with", elem_id="lora_trainer_prep_upscaler",
+                                      info="the WebUI's upscalers (ESRGAN, SwinIR ...) when it has them; never used "
+                                      "on a picture that is already large enough")
             crop_btn = gr.Button("Crop", variant="primary")
             crop_summary = gr.Textbox(label="result", lines=4, interactive=False)
             crop_gallery = gr.Gallery(label="crops", columns=8, height="auto")
@@ -293,6 +326,13 @@ def build_prepare_tab(
             with gr.Row():
                 tag_btn = gr.Button("Apply to every caption", variant="primary")
                 freq_btn = gr.Button("Tag frequencies")
+            with gr.Row():
+                cap_dd = gr.Dropdown(list(act.captioners), value=next(iter(act.captioners), None), label="caption with",
+                                     elem_id="lora_trainer_prep_captioner",
+                                     info="the WebUI's interrogators; the trigger word above goes first"
+                                     if act.captioners else "no captioner here: write captions, or use the option above")
+                cap_over = gr.Checkbox(label="replace existing captions", value=False)
+                cap_btn = gr.Button("Caption images", elem_id="lora_trainer_prep_caption")
             tag_summary = gr.Textbox(label="result", lines=4, interactive=False)
             freq_table = gr.Dataframe(headers=FREQ_HEADERS, interactive=False)
         with gr.Tab("Layout and repeats"):
@@ -339,8 +379,9 @@ def build_prepare_tab(
             return msg, gr.update(choices=act.preset_names())
 
         rep_btn.click(act.report, inputs=[rep_folder, rep_res, rep_ext, rep_faces], outputs=[rep_table, rep_summary])
-        crop_btn.click(act.crop, inputs=[crop_src, crop_out, crop_mode, crop_size, crop_margin, crop_color, crop_over],
+        crop_btn.click(act.crop, inputs=[crop_src, crop_out, crop_mode, crop_size, crop_margin, crop_color, crop_over, crop_up],
                        outputs=[crop_summary, crop_gallery])
+        cap_btn.click(act.caption, inputs=[tag_folder, cap_dd, tag_ext, tag_trigger, cap_over], outputs=[tag_summary])
         tag_btn.click(act.edit_tags, inputs=[tag_folder, tag_ext, tag_trigger, tag_remove, tag_replace, tag_dedupe, tag_create, tag_dry],
                       outputs=[tag_summary])
         freq_btn.click(act.tag_frequencies, inputs=[tag_folder, tag_ext], outputs=[freq_table])
@@ -360,6 +401,7 @@ def build_prepare_tab(
         "handlers": {
             "report": act.report,
             "crop": act.crop,
+            "caption": act.caption,
             "edit_tags": act.edit_tags,
             "tag_frequencies": act.tag_frequencies,
             "repeats": act.repeats,

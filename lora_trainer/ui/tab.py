@@ -173,7 +173,8 @@ def _prepare_tab(backend: TabBackend):
     try:
         from .prepare_tab import build_prepare_tab
 
-        return build_prepare_tab(defaults=backend.defaults, user_preset_dir=backend.extra.get("user_preset_dir"))
+        tools = {k: backend.extra[k]() for k in ("upscalers", "captioners") if callable(backend.extra.get(k))}
+        return build_prepare_tab(defaults=backend.defaults, user_preset_dir=backend.extra.get("user_preset_dir"), **tools)
     except Exception as e:  # noqa: BLE001 - an optional part must not take the training tab down
         gr.HTML(f'<p class="lora_trainer_error">Dataset preparation is unavailable: {html.escape(str(e))}</p>')
         return None
