@@ -550,13 +550,13 @@ def test_names_outside_the_lora_folder_are_refused(host_env, cfg):
     assert not (env.lora_dir.parent / "evil").exists() and not (Path(cfg.train_data_dir).parent / "x.safetensors").exists()
 
 
-def test_sdxl_is_refused_clearly_and_the_host_is_released(host_env, cfg):
+def test_an_unknown_sdxl_layout_is_refused_clearly_and_the_host_is_released(host_env, cfg):
     from lora_trainer.hosts.a1111 import A1111Host
     from lora_trainer.train.events import EventBus, StopControl
 
     env = host_env
-    env.sd.is_sd1, env.sd.is_sdxl = False, True
-    with pytest.raises(LoraTrainerError, match="SDXL training in the WebUI is not supported yet"):
+    env.sd.is_sd1, env.sd.is_sdxl = False, True  # flagged SDXL, but no SDXL conditioner
+    with pytest.raises(LoraTrainerError, match="not an SDXL base model"):
         A1111Host().run(cfg, EventBus(), StopControl())
     assert [c[0] for c in env.shared.state.calls] == ["begin", "end"]
     assert not env.call_queue.queue_lock.locked()
@@ -642,3 +642,470 @@ def test_a_failing_grid_does_not_fail_the_training(host_env, cfg):
     A1111Host().run(cfg, EventBus(lambda e: messages.append(e.text) if isinstance(e, Message) else None), StopControl())
     assert (host_env.lora_dir / "t.safetensors").is_file()
     assert any("grid could not be built" in m for m in messages)
+
+
+# =========================================================================== SDXL
+#
+# A1111 1.10 holds SDXL as sgm's DiffusionEngine: ``conditioner.embedders`` = [A1111's CLIP-L wrapper
+# around sgm's FrozenCLIPEmbedder (``wrapped.transformer`` a HF CLIPTextModel, layer "hidden"),
+# A1111's OpenCLIP wrapper around FrozenOpenCLIPEmbedder2 (``wrapped.model`` an open_clip model whose
+# attention is nn.MultiheadAttention with a fused in_proj; output (penultimate, pooled)), three
+# ConcatTimestepEmbedderND size embedders]; ``model.diffusion_model`` an sgm UNet (SGM names, ``y``).
+# The stand-ins below carry the weights of the tiny SDXL (lora_trainer.model.tiny_sdxl), so the
+# standalone diffusers bundle on the same weights is the reference.
+
+
+class FakeSDXLCLIPWrapper(nn.Module):
+    """Like ``FrozenCLIPEmbedderForSDXLWithCustomWords`` (layer "hidden": the penultimate states)."""
+
+    input_key = "txt"
+
+    def __init__(self, transformer: nn.Module, tokenizer):
+        super().__init__()
+        self.wrapped = nn.Module()
+        self.wrapped.transformer = transformer
+        self.wrapped.tokenizer = tokenizer
+        self.wrapped.layer, self.wrapped.layer_idx = "hidden", -2
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.wrapped.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = self.wrapped.transformer(input_ids=ids, output_hidden_states=True)
+        return out.hidden_states[self.wrapped.layer_idx]
+
+
+class FakeOpenCLIP2Wrapper(nn.Module):
+    """Like ``FrozenOpenCLIPEmbedder2WithCustomWords`` around sgm's FrozenOpenCLIPEmbedder2 (penultimate,
+    always_return_pooled, legacy=False): returns ``(states, pooled)``."""
+
+    input_key = "txt"
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.wrapped = nn.Module()
+        self.wrapped.model = model
+        self.wrapped.layer = "penultimate"
+        self.tokenizer = tokenizer
+
+    def forward(self, texts: list[str]):
+        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        d = self.wrapped.model.encode_with_transformer(ids)
+        return d["penultimate"], d["pooled"]
+
+
+class FakeSizeEmbedder(nn.Module):
+    """sgm's ``ConcatTimestepEmbedderND``: each column's sinusoidal embedding, concatenated."""
+
+    def __init__(self, input_key: str, outdim: int):
+        super().__init__()
+        self.input_key = input_key
+        self.outdim = outdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
+        b, dims = x.shape
+        return timestep_embedding(x.reshape(-1), self.outdim).reshape(b, dims * self.outdim)
+
+
+class FakeConditioner(nn.Module):
+    """sgm's ``GeneralConditioner.forward``: frozen embedders under ``no_grad``; 3-D outputs joined on the
+    channel axis (crossattn), 2-D ones on dim 1 (vector), in embedder order."""
+
+    def __init__(self, embedders: list[nn.Module]):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+    def forward(self, batch: dict) -> dict:
+        out: dict[str, torch.Tensor] = {}
+        for emb in self.embedders:
+            with torch.no_grad():
+                res = emb(batch[emb.input_key])
+            for r in res if isinstance(res, (tuple, list)) else [res]:
+                key, dim = ("crossattn", 2) if r.dim() == 3 else ("vector", 1)
+                out[key] = torch.cat((out[key], r), dim) if key in out else r
+        return out
+
+
+class FakeSDXLModel(nn.Module):
+    def __init__(self, unet: nn.Module, conditioner: FakeConditioner, vae: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = unet
+        self.conditioner = conditioner
+        self.cond_stage_model = conditioner  # what A1111's sd_hijack sets for SDXL
+        self.first_stage_model = vae
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0).float())
+        self.parameterization = "eps"
+        self.is_sd1, self.is_sd2, self.is_sdxl = False, False, True
+        self.scale_factor = 0.13025
+        self.sd_checkpoint_info = SimpleNamespace(
+            title="tiny-sdxl.safetensors [fedcba9876]", filename="/models/tiny-sdxl.safetensors", sha256="cd" * 32
+        )
+
+
+def sgm_like_unet(parts) -> nn.Module:
+    """An SGM-shaped UNet (module paths, SpatialTransformer/ResBlock classes, ``forward(x, timesteps,
+    context, y)`` with a sequential ``label_emb``) with the tiny SDXL UNet's weights: ldm's UNetModel
+    (sgm's is the same code with per-level depths), GroupNorms set to the diffusers config's groups."""
+    from lora_trainer.model.ldm_names import convert_unet_state_dict, unet_diffusers_to_ldm_names
+    from tests.test_ldm_names import _ldm_unet_kwargs
+
+    openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    config = dict(parts.unet.config)
+    depths = set(config["transformer_layers_per_block"][i] for i, t in enumerate(config["down_block_types"]) if "CrossAttn" in t)
+    assert len(depths) == 1, "one transformer depth on the attention levels (ldm takes an int)"
+    depth = depths.pop()
+    kwargs = _ldm_unet_kwargs({**config, "transformer_layers_per_block": depth})
+
+    class UNetModel(openaimodel.UNetModel):
+        def forward(self, x, timesteps=None, context=None, y=None, **kw):
+            # this ldm's SpatialTransformer takes one context per depth (sgm's reuses a single one)
+            return super().forward(x, timesteps, [context] * depth if torch.is_tensor(context) else context, y, **kw)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        unet = UNetModel(**kwargs, use_checkpoint=True)
+    ted = unet.time_embed[0].out_features
+    adm = config["projection_class_embeddings_input_dim"]
+    unet.num_classes = "sequential"
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    for m in unet.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.num_groups = config["norm_num_groups"]
+    unet.load_state_dict(convert_unet_state_dict(parts.unet.state_dict(), unet_diffusers_to_ldm_names(config)), strict=True)
+    return unet.eval()
+
+
+def build_fake_sdxl_model(parts) -> FakeSDXLModel:
+    from lora_trainer.model.tiny_sdxl import TIME_EMBED
+    from tests.test_fused_qkv import openclip_twin
+
+    te1 = copy.deepcopy(parts.text_encoder).eval()
+    te2 = openclip_twin(parts.text_encoder_2)
+    conditioner = FakeConditioner(
+        [
+            FakeSDXLCLIPWrapper(te1, parts.tokenizer),
+            FakeOpenCLIP2Wrapper(te2, parts.tokenizer_2),
+            FakeSizeEmbedder("original_size_as_tuple", TIME_EMBED),
+            FakeSizeEmbedder("crop_coords_top_left", TIME_EMBED),
+            FakeSizeEmbedder("target_size_as_tuple", TIME_EMBED),
+        ]
+    )
+    sd = FakeSDXLModel(sgm_like_unet(parts), conditioner, copy.deepcopy(parts.vae)).eval()
+    sd.model.diffusion_model.requires_grad_(True)
+    sd.conditioner.requires_grad_(False)
+    sd.first_stage_model.requires_grad_(False)
+    return sd
+
+
+def _patched_mha_forward(original):
+    """A1111's class-level ``MultiheadAttention.forward`` patch (networks.network_MultiheadAttention_forward):
+    merges the wanted networks into ``in_proj_weight`` and ``out_proj.weight`` from a backup, in place."""
+
+    def forward(self, *args, **kwargs):
+        nets = sys.modules["networks"]
+        wanted = tuple(n.name for n in nets.loaded_networks)
+        if wanted != getattr(self, "network_current_names", ()):
+            backup = getattr(self, "network_weights_backup", None)
+            if backup is None and wanted:
+                backup = self.network_weights_backup = (self.in_proj_weight.detach().clone(), self.out_proj.weight.detach().clone())
+            if backup is not None:
+                self.in_proj_weight.copy_(backup[0])
+                self.out_proj.weight.copy_(backup[1])
+            for n in nets.loaded_networks:
+                self.in_proj_weight.add_(n.delta_of(("in", id(self)), self.in_proj_weight.shape))
+                self.out_proj.weight.add_(n.delta_of(("out", id(self)), self.out_proj.weight.shape))
+            self.network_current_names = wanted
+        return original(self, *args, **kwargs)
+
+    return forward
+
+
+FakeNetwork.delta_of = lambda self, tag, shape: self._deltas.setdefault(  # type: ignore[attr-defined]
+    tag, 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(len(self._deltas) + 101))
+)
+
+
+@pytest.fixture(scope="module")
+def _tiny_sdxl_parts(tmp_path_factory):
+    from lora_trainer.model.tiny_sdxl import build_tiny_sdxl
+
+    parts = build_tiny_sdxl(seed=0, tokenizer_dir=tmp_path_factory.mktemp("tokxl"))
+    for i, name in enumerate(("unet", "text_encoder", "text_encoder_2")):
+        _perturb(getattr(parts, name), 10 + i)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def _master_sdxl(_tiny_sdxl_parts):
+    return build_fake_sdxl_model(_tiny_sdxl_parts)
+
+
+@pytest.fixture
+def sdxl_env(monkeypatch, tmp_path, _master_sdxl):
+    sd = copy.deepcopy(_master_sdxl)
+    env = install_fake_webui(monkeypatch, tmp_path)
+    env.shared.sd_model = sd
+    for root in (sd.model.diffusion_model, sd.conditioner):
+        for m in root.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
+                m.register_forward_pre_hook(_patched_forward_emulation)
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", _patched_mha_forward(nn.MultiheadAttention.forward))
+    env.sd = sd
+    env.lora_dir = Path(env.shared.cmd_opts.lora_dir)
+    return env
+
+
+XL_PROMPT = "ohwx, ring, blue background"  # tests.test_sdxl.PROMPT: its _outputs encodes that
+XL_SIZES = [(64, 48, 4, 0, 64, 64)]
+
+
+def _xl_reference(sd: FakeSDXLModel, prompt: str = XL_PROMPT, sizes=XL_SIZES):
+    """What A1111 computes: ``get_learned_conditioning`` (the conditioner with the batch's sizes), then
+    ``apply_model`` (UNet with context = crossattn, y = vector)."""
+    s = torch.tensor(sizes, dtype=torch.float32)
+    with torch.no_grad():
+        c = sd.conditioner(
+            {"txt": [prompt] * len(sizes), "original_size_as_tuple": s[:, 0:2], "crop_coords_top_left": s[:, 2:4], "target_size_as_tuple": s[:, 4:6]}
+        )
+        out = sd.model.diffusion_model(PROBE_X.repeat(len(sizes), 1, 1, 1), timesteps=PROBE_T, context=c["crossattn"], y=c["vector"])
+    return c, out
+
+
+def _snapshot_xl(sd: FakeSDXLModel) -> dict:
+    emb = sd.conditioner.embedders
+    roots = {"unet": sd.model.diffusion_model, "te1": emb[0].wrapped.transformer, "te2": emb[1].wrapped.model}
+    c, out = _xl_reference(sd)
+    return {
+        "weights": {f"{r}.{k}": v.detach().clone() for r, m in roots.items() for k, v in m.state_dict().items()},
+        "grad": {f"{r}.{k}": p.requires_grad for r, m in roots.items() for k, p in m.named_parameters()},
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in sd.modules()],
+        "instance_forwards": sum("forward" in m.__dict__ for m in sd.modules()),
+        "ldm_flags": [(getattr(m, "checkpoint", None), getattr(m, "use_checkpoint", None)) for m in sd.model.diffusion_model.modules()],
+        "training": [m.training for m in sd.modules()],
+        "cond": torch.cat([c["crossattn"].flatten(), c["vector"].flatten()]),
+        "out": out,
+    }
+
+
+def _xl_bundle(env):
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.runtime import Runtime
+
+    return A1111Host().model_bundle(TrainConfig(), Runtime(torch.device("cpu"), "no"))
+
+
+def _xl_standalone(parts):
+    from lora_trainer.model.sdxl import make_sdxl_bundle
+
+    return make_sdxl_bundle(copy.deepcopy(parts))
+
+
+def _xl_predict(bundle, prompt: str = XL_PROMPT, sizes=XL_SIZES):
+    with torch.no_grad():
+        cond = bundle.condition(bundle.encode_text([prompt] * len(sizes)), sizes)
+        return cond, bundle.predict(PROBE_X.repeat(len(sizes), 1, 1, 1), PROBE_T, cond)
+
+
+def test_sdxl_bundle_conditions_as_the_host_and_as_diffusers(sdxl_env, _tiny_sdxl_parts):
+    """The bundle's context, ``y`` and UNet output are what A1111's conditioner and apply_model give, and
+    what the standalone (diffusers) SDXL bundle gives on the same weights."""
+    env = sdxl_env
+    bundle = _xl_bundle(env)
+    try:
+        assert bundle.family == "sdxl" and bundle.base_model_version == "sdxl_base_v1-0"
+        assert bundle.prediction_type == "epsilon" and bundle.default_resolution == 1024
+        sizes = [(64, 48, 4, 0, 64, 64), (96, 64, 0, 16, 64, 64)]
+        cond, out = _xl_predict(bundle, sizes=sizes)
+        host_c, host_out = _xl_reference(env.sd, sizes=sizes)
+        torch.testing.assert_close(cond.hidden, host_c["crossattn"])
+        from lora_trainer.hosts.a1111 import _SDXLConditioning
+
+        y = _SDXLConditioning(env.sd, torch.device("cpu")).vector(cond.pooled, cond.time_ids)
+        torch.testing.assert_close(y, host_c["vector"])
+        torch.testing.assert_close(out, host_out)
+
+        ref = _xl_standalone(_tiny_sdxl_parts)
+        ref_cond, ref_out = _xl_predict(ref, sizes=sizes)
+        torch.testing.assert_close(cond.hidden, ref_cond.hidden, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cond.pooled, ref_cond.pooled, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-3)
+        # without sizes: the square, uncropped size of the latents
+        plain = bundle.predict(PROBE_X, PROBE_T, bundle.encode_text([XL_PROMPT]))
+        torch.testing.assert_close(plain, ref.predict(PROBE_X, PROBE_T, ref.encode_text([XL_PROMPT])), atol=1e-4, rtol=1e-3)
+        # latents: the posterior mean (or a sample from our generator), scaled
+        px = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+        torch.testing.assert_close(bundle.encode_images(px, None), ref.encode_images(px, None), atol=1e-5, rtol=1e-4)
+        a = bundle.encode_images(px, torch.Generator().manual_seed(1))
+        assert torch.equal(a, bundle.encode_images(px, torch.Generator().manual_seed(1)))
+        torch.testing.assert_close(a, ref.encode_images(px, torch.Generator().manual_seed(1)), atol=1e-5, rtol=1e-4)
+        # the text-encoder output cache joins per-caption outputs
+        both = bundle.concat_conditions([bundle.encode_text(["a"]), bundle.encode_text(["b"])])
+        assert both.hidden.shape[0] == 2 and both.pooled.shape[0] == 2
+    finally:
+        bundle.release()
+
+
+@pytest.mark.parametrize("locon", [False, True])
+def test_sdxl_targets_have_the_standalone_names_and_one_file_means_the_same(sdxl_env, _tiny_sdxl_parts, locon):
+    """Same kohya names as the standalone SDXL bundle (SGM UNet names, te1, te2 with separate q/k/v);
+    one LoRA state dict gives the same conditioning and UNet output on both."""
+    from lora_trainer.network import LoRANetwork
+
+    env = sdxl_env
+    bundle = _xl_bundle(env)
+    try:
+        ref = _xl_standalone(_tiny_sdxl_parts)
+        ours_t = bundle.unet_targets(locon) + bundle.text_encoder_targets()
+        ref_t = ref.unet_targets(locon) + ref.text_encoder_targets()
+        assert sorted(t.lora_name for t in ours_t) == sorted(t.lora_name for t in ref_t)
+        names = {t.lora_name for t in ours_t}
+        assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" in names
+        assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in names
+        assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in names
+        assert any(n.startswith("lora_unet_middle_block_1_transformer_blocks_1_") for n in names)
+        assert not any("attn_out_proj" in n and n.startswith("lora_te2") and "self_attn" not in n for n in names)
+        torch.manual_seed(0)
+        ref_net = LoRANetwork.create(ref_t, 4, 2.0, 3 if locon else None, 1.5)
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for m in ref_net.loras:
+                m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.2)
+        ours_net = LoRANetwork.create(ours_t, 4, 2.0, 3 if locon else None, 1.5)
+        ours_net.load_kohya_state_dict(ref_net.kohya_state_dict())  # strict
+        base = _xl_predict(bundle)[1]
+        ref_net.attach()
+        ours_net.attach()
+        try:
+            ours_cond, ours_out = _xl_predict(bundle)
+            ref_cond, ref_out = _xl_predict(ref)
+        finally:
+            ours_net.detach()
+            ref_net.detach()
+        assert not torch.allclose(ours_out, base, atol=1e-3)
+        torch.testing.assert_close(ours_cond.hidden, ref_cond.hidden, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_cond.pooled, ref_cond.pooled, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_out, ref_out, atol=1e-4, rtol=1e-3)
+    finally:
+        bundle.release()
+
+
+def test_sdxl_run_trains_every_adapter_loads_in_diffusers_and_leaves_the_host_as_it_was(sdxl_env, cfg, _tiny_sdxl_parts, tmp_path):
+    """A run on the A1111-shaped SDXL: files with SGM/te1/te2 names (separate q/k/v) and SDXL metadata;
+    every adapter learned (te1's last layer is not in the penultimate output, as in kohya); diffusers'
+    StableDiffusionXLPipeline.load_lora_weights takes every key and computes what our fused LoRA computes
+    on the host; and the host is bit for bit as before, the class-level MHA patch included."""
+    pytest.importorskip("peft")
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.network.load import network_from_file
+    from lora_trainer.train.events import EventBus, Message, StepEvent, StopControl
+    from tests.test_sdxl import _outputs, _pipeline
+
+    env = sdxl_env
+    sd = env.sd
+    before = _snapshot_xl(sd)
+    seen = {"fused": set(), "grad": []}
+    messages = []
+
+    def listener(ev):
+        if isinstance(ev, StepEvent):
+            seen["fused"].add(sum("forward" in m.__dict__ for m in sd.conditioner.modules()))
+            seen["grad"].append(torch.is_grad_enabled())
+        elif isinstance(ev, Message):
+            messages.append(ev.text)
+
+    cfg = TrainConfig(**{**cfg.to_dict(), "clip_skip": 2, "save_precision": "float"})
+    A1111Host().run(cfg, EventBus(listener), StopControl())
+    assert sorted(p.name for p in env.lora_dir.iterdir()) == ["t-000001.safetensors", "t.safetensors"]
+    tensors, meta = _file(env.lora_dir / "t.safetensors")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_sd_model_name"] == "tiny-sdxl.safetensors [fedcba9876]"
+    ref = _xl_standalone(_tiny_sdxl_parts)
+    expected = {t.lora_name for t in ref.unet_targets(False) + ref.text_encoder_targets()}
+    assert {k.split(".")[0] for k in tensors} == expected and len(tensors) == 3 * len(expected)
+    layers = _tiny_sdxl_parts.text_encoder.config.num_hidden_layers
+    dead = sorted(
+        k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0
+        and not k.startswith(f"lora_te1_text_model_encoder_layers_{layers - 1}_")
+    )
+    assert not dead, f"no gradient reached {dead[:4]}"
+    for part in ("q", "k", "v", "out"):
+        assert tensors[f"lora_te2_text_model_encoder_layers_0_self_attn_{part}_proj.lora_up.weight"].shape == (64, 4)
+    assert seen["fused"] == {2} and all(seen["grad"])  # one instance forward per OpenCLIP attention, during the run
+    assert any("clip_skip is not used" in m for m in messages)
+    assert env.shared.opts.CLIP_stop_at_last_layers == 1  # SDXL never touches the host's Clip skip
+    _assert_host_unchanged(before, _snapshot_xl(sd))
+
+    # the file in diffusers: every key loaded, and the same numbers as our (fused) LoRA on the host
+    bundle = _xl_bundle(env)
+    try:
+        net, unmatched = network_from_file(env.lora_dir / "t.safetensors", bundle.unet_targets(False) + bundle.text_encoder_targets())
+        assert not unmatched
+        net.attach()
+        try:
+            x, t = PROBE_X, PROBE_T
+            with torch.no_grad():
+                host_cond = bundle.encode_text([XL_PROMPT])
+                host_out = bundle.predict(x, t, bundle.condition(host_cond, XL_SIZES))
+        finally:
+            net.detach()
+    finally:
+        bundle.release()
+    reference = copy.deepcopy(_tiny_sdxl_parts)
+    pipe = _pipeline(reference)
+    pipe.load_lora_weights(str(env.lora_dir), weight_name="t.safetensors", adapter_name="ours")
+    from peft.tuners.lora import LoraLayer
+
+    counts = [sum(isinstance(m, LoraLayer) for m in getattr(reference, n).modules()) for n in ("unet", "text_encoder", "text_encoder_2")]
+    assert counts == [sum(n.startswith(p) for n in expected) for p in ("lora_unet_", "lora_te1_", "lora_te2_")]
+    theirs_cond, theirs_out = _outputs(reference, x, t, sizes=XL_SIZES)
+    torch.testing.assert_close(theirs_cond.hidden, host_cond.hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs_cond.pooled, host_cond.pooled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs_out, host_out, atol=1e-4, rtol=1e-3)
+
+
+def test_sdxl_host_loras_are_cleared_through_the_fused_attention(sdxl_env, cfg):
+    """A host LoRA merged into the OpenCLIP in_proj (A1111's MHA patch) and the other layers is taken out
+    before training; the next generation that asks for it merges it again."""
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StepEvent, StopControl
+
+    env = sdxl_env
+    sd = env.sd
+    clean = _snapshot_xl(sd)
+    env.networks.loaded_networks.append(FakeNetwork("host"))
+    merged = _snapshot_xl(sd)
+    assert not torch.equal(merged["cond"], clean["cond"]) and not torch.equal(merged["out"], clean["out"])
+    attn = sd.conditioner.embedders[1].wrapped.model.transformer.resblocks[0].attn
+    seen = []
+
+    def listener(ev):
+        if isinstance(ev, StepEvent) and ev.step == 1:
+            seen.append(torch.equal(attn.in_proj_weight, clean["weights"]["te2.transformer.resblocks.0.attn.in_proj_weight"]))
+
+    A1111Host().run(TrainConfig(**{**cfg.to_dict(), "max_train_epochs": 1}), EventBus(listener), StopControl())
+    assert seen == [True], "training ran on the clean fused weights"
+    _assert_host_unchanged(clean, _snapshot_xl(sd))
+    env.networks.loaded_networks.append(FakeNetwork("host"))
+    again = _snapshot_xl(sd)
+    assert torch.equal(again["cond"], merged["cond"]) and torch.equal(again["out"], merged["out"])
+
+
+def test_sdxl_refiner_and_half_vae_are_refused_clearly(sdxl_env, cfg):
+    from lora_trainer.hosts.a1111 import A1111Host, _encode_sgm_vae
+    from lora_trainer.train.events import EventBus, StopControl
+
+    env = sdxl_env
+    emb = env.sd.conditioner.embedders
+    # a refiner: OpenCLIP only, with an aesthetic score
+    env.sd.conditioner.embedders = nn.ModuleList([emb[1], FakeSizeEmbedder("aesthetic_score", 8)])
+    with pytest.raises(LoraTrainerError, match="refiner"):
+        A1111Host().run(cfg, EventBus(), StopControl())
+    assert [c[0] for c in env.shared.state.calls] == ["begin", "end"] and not env.call_queue.queue_lock.locked()
+    env.sd.conditioner.embedders = emb
+    vae = env.sd.first_stage_model
+    with torch.no_grad():
+        vae.quant_conv.bias.fill_(float("inf"))
+    with pytest.raises(LoraTrainerError, match="no-half-vae"):
+        _encode_sgm_vae(vae, torch.zeros(1, 3, 64, 64), None, 0.13025)

@@ -591,9 +591,16 @@ class A1111Host:
             events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
             mirror.unload_vae = bool(getattr(shared.opts, "lora_trainer_unload_unused", False)) and cfg.cache_latents
             mirror.sd_model = sd_model
+            if family == "sdxl":
+                # SDXL takes its encoders' layers from the host's SDXL settings, in training as in generation
+                skip: Any = contextlib.nullcontext(True)
+                if cfg.clip_skip != 1:
+                    events.info("SDXL: clip_skip is not used; the text encoders' layers follow the WebUI's SDXL settings")
+            else:
+                skip = _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip)
             bundle = self.model_bundle(cfg, runtime)
             try:
-                with _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip) as set_skip:
+                with skip as set_skip:
                     if not set_skip and cfg.clip_skip != 1:
                         events.warning("this WebUI has no Clip skip option: clip_skip is ignored")
                     after_save = self._growing_grid(cfg, scan, bus, stop, sd_model, mirror) if cfg.grid_each_epoch else None

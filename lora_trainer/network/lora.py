@@ -6,6 +6,11 @@ holds references to the layers), and removing the LoRA must leave the model bit-
 replaces each target layer with a wrapper module and cannot wrap a non-``torch.nn.Linear``
 layer. A forward hook adds ``up(down(x)) * alpha / rank * multiplier`` to the layer's output
 without touching its weights or its place in the tree; removing the hook restores the model.
+
+A fused ``torch.nn.MultiheadAttention`` (OpenCLIP) has no q/k/v layers to hook: the LoRAs of its
+projections (:class:`~.targets.FusedProjection`) are applied by :class:`FusedAttentionLoRA`, an
+instance ``forward`` that passes ``in_proj_weight + cat(dq, dk, dv)`` and ``out_proj.weight + dout`` to
+``F.multi_head_attention_forward``; deleting that instance attribute restores the model.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .targets import Target
+from .targets import FusedProjection, Target
 
 
 class LoRAModule(nn.Module):
@@ -60,6 +66,16 @@ class LoRAModule(nn.Module):
         dt = self.lora_down.weight.dtype
         return self.lora_up(self.lora_down(x.to(dt))) * (self.multiplier * self.scale)
 
+    def weight_delta(self) -> torch.Tensor:
+        """``up @ down * alpha / rank * multiplier``: the change of a Linear layer's weight."""
+        if self.lora_down.weight.ndim != 2:
+            raise ValueError(f"{self.lora_name}: only a Linear LoRA has a weight delta here")
+        return (self.lora_up.weight @ self.lora_down.weight) * (self.multiplier * self.scale)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.multiplier != 0
+
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self.enabled or self.multiplier == 0:
             return None
@@ -67,12 +83,134 @@ class LoRAModule(nn.Module):
 
     def attach(self) -> None:
         if self._handle is None:
-            self._handle = self.org_module.register_forward_hook(self._hook)
+            org = self.org_module
+            if isinstance(org, FusedProjection):
+                self._handle = FusedAttentionLoRA.add(org, self)
+            else:
+                self._handle = org.register_forward_hook(self._hook)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class FusedAttentionLoRA:
+    """The LoRAs of one ``torch.nn.MultiheadAttention``'s fused q/k/v (and out) projections.
+
+    While any of them is attached, the attention's *instance* ``forward`` is this object's
+    :meth:`forward`: the same computation as ``nn.MultiheadAttention.forward``'s general path, with
+    ``in_proj_weight + cat(dq, dk, dv)`` and ``out_proj.weight + dout`` (each ``d = up @ down * scale``)
+    passed to ``F.multi_head_attention_forward`` in place of the weights. The host's parameters are
+    never written; the class (and any global patch a host put on it) is untouched; removing the last
+    LoRA deletes the instance attribute. A weight delta equals the hook's ``up(down(x))`` on the
+    separate q/k/v layers of the same weights, so the files carry separate q/k/v keys."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        self.attention = attention
+        self.loras: dict[str, LoRAModule] = {}
+
+    @classmethod
+    def add(cls, projection: FusedProjection, lora: LoRAModule) -> _FusedHandle:
+        attention = projection.attention
+        current = attention.__dict__.get("forward")
+        owner = getattr(current, "__self__", None)
+        if isinstance(owner, cls) and owner.attention is attention:
+            patch = owner
+        elif current is not None:
+            raise RuntimeError(
+                f"{lora.lora_name}: the attention module already has an instance forward ({current!r}); "
+                "its fused q/k/v cannot take a LoRA"
+            )
+        else:
+            patch = cls(attention)
+            attention.forward = patch.forward  # an instance attribute: shadows the class's forward
+        if projection.part in patch.loras:
+            raise RuntimeError(f"{lora.lora_name}: {projection.part} of this attention already has a LoRA")
+        patch.loras[projection.part] = lora
+        return _FusedHandle(patch, projection.part)
+
+    def remove(self, part: str) -> None:
+        self.loras.pop(part, None)
+        if not self.loras and getattr(self.attention.__dict__.get("forward"), "__self__", None) is self:
+            del self.attention.__dict__["forward"]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        mha = self.attention
+        live = {part: m for part, m in self.loras.items() if m.active}
+        if not live:
+            return type(mha).forward(
+                mha, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        w_in = mha.in_proj_weight
+        if any(p in live for p in ("q", "k", "v")):
+            d = mha.embed_dim
+            parts = []
+            for i, p in enumerate(("q", "k", "v")):
+                if p in live:
+                    parts.append(live[p].weight_delta().to(w_in.dtype))
+                else:
+                    parts.append(torch.zeros_like(w_in[i * d : (i + 1) * d]))
+            w_in = w_in + torch.cat(parts)
+        w_out = mha.out_proj.weight
+        if "out" in live:
+            w_out = w_out + live["out"].weight_delta().to(w_out.dtype)
+
+        is_batched = query.dim() == 3
+        if mha.batch_first and is_batched:  # as nn.MultiheadAttention: keep query/key/value identity
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            mha.embed_dim,
+            mha.num_heads,
+            w_in,
+            mha.in_proj_bias,
+            mha.bias_k,
+            mha.bias_v,
+            mha.add_zero_attn,
+            mha.dropout,
+            w_out,
+            mha.out_proj.bias,
+            training=mha.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if mha.batch_first and is_batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+
+class _FusedHandle:
+    """``remove()`` like a hook handle."""
+
+    def __init__(self, patch: FusedAttentionLoRA, part: str):
+        self.patch = patch
+        self.part = part
+
+    def remove(self) -> None:
+        self.patch.remove(self.part)
 
 
 class LoRANetwork(nn.Module):
