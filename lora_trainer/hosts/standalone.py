@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import TrainConfig
-from ..errors import ConfigError, LoraTrainerError
+from ..errors import ConfigError
 from ..model.bundle import ModelBundle
 from ..model.sd import DiffusersSD, make_sd_bundle
 from ..train.runtime import Runtime
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.sdxl import DiffusersSDXL
 
 BUILTIN_TINY = "builtin:tiny-sd15"
 BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"
@@ -91,9 +95,7 @@ class StandaloneHost:
         self.refresh_loras()
         if growing is not None:
             return  # the grid grew with the epochs
-        if cfg.grid_after_training and result.files and not stop.requested and getattr(self._parts, "family", "") == "sdxl":
-            events.warning("the grid after training is not available for SDXL in the standalone host yet: skipped")
-        elif cfg.grid_after_training and result.files and not stop.requested:
+        if cfg.grid_after_training and result.files and not stop.requested:
             from ..grid import grid_after_training
 
             grid_after_training(
@@ -107,8 +109,6 @@ class StandaloneHost:
         from ..grid import grid_of_files
 
         parts = self.load_parts(cfg)
-        if getattr(parts, "family", "") == "sdxl":
-            raise LoraTrainerError("Grids of SDXL LoRAs are not available in the standalone host yet.")
         grid_of_files(cfg, files, StandaloneGenerator(parts), events, stop)
 
 
@@ -138,20 +138,32 @@ class StandaloneGenerator:
     """``generate(cell)`` for the grid: the standalone sampler with the cell's LoRA file applied
     at the cell's weight (weight 0: the base model untouched, the same image in every column)."""
 
-    def __init__(self, parts: DiffusersSD):
+    def __init__(self, parts: DiffusersSD | DiffusersSDXL):
         from ..world.sample import Sampler
 
         self.parts = parts
         self.sampler = Sampler.from_parts(parts)
         self._networks: dict[str, object] = {}
 
+    def _targets(self):
+        """Every module a LoRA file may name: SD1/SD2 ``lora_unet_`` / ``lora_te_`` + diffusers paths;
+        SDXL ``lora_unet_`` + SGM paths, ``lora_te1_`` / ``lora_te2_`` for the two text encoders."""
+        if getattr(self.parts, "family", "") == "sdxl":
+            from ..model.sdxl import sdxl_text_encoder_targets, sdxl_unet_targets
+
+            return sdxl_unet_targets(self.parts.unet, True) + sdxl_text_encoder_targets(
+                self.parts.text_encoder, self.parts.text_encoder_2
+            )
+        from ..network.targets import TEXT_CONTAINERS, UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
+
+        targets = find_targets(self.parts.unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS)
+        return targets + find_targets(self.parts.text_encoder, "lora_te", TEXT_CONTAINERS)
+
     def _network(self, path: str):
         if path not in self._networks:
             from ..network.load import network_from_file
-            from ..network.targets import TEXT_CONTAINERS, UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
 
-            targets = find_targets(self.parts.unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS)
-            targets += find_targets(self.parts.text_encoder, "lora_te", TEXT_CONTAINERS)
+            targets = self._targets()
             net, unmatched = network_from_file(path, targets)
             if unmatched:
                 from ..errors import ModelLoadError

@@ -1,5 +1,10 @@
 """A small deterministic DDIM sampler with classifier-free guidance, independent of diffusers pipelines.
 
+It samples SD1/SD2 parts (one text encoder) and SDXL parts (two text encoders: the penultimate hidden
+states of both concatenated as the context, the second one's pooled projection as ``text_embeds``,
+and size conditioning ``time_ids`` of original size = target size = the picture's, crop (0, 0), as
+diffusers' SDXL pipeline does by default).
+
 It calls the UNet, text encoder and VAE modules directly, so a LoRANetwork attached to them (by
 forward hooks) acts at whatever multiplier it is set to. Image ``i`` of a call starts from noise
 seeded with ``seed + i`` alone: the same seed gives the same starting noise whatever the batch size,
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from ..model.sd import DiffusersSD, alphas_cumprod_from_config
+from ..model.sdxl import DiffusersSDXL, SDXLCond, encode_sdxl_text, time_ids_from_sizes
 
 
 def ddim_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
@@ -28,7 +34,9 @@ def ddim_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
 
 
 class Sampler:
-    """DDIM (eta = 0) with classifier-free guidance over an SD1-style UNet, text encoder, tokenizer and VAE."""
+    """DDIM (eta = 0) with classifier-free guidance over a UNet, text encoder(s), tokenizer(s) and VAE.
+
+    With ``text_encoder_2`` and ``tokenizer_2`` (SDXL), the UNet gets SDXL's conditioning."""
 
     def __init__(
         self,
@@ -39,10 +47,15 @@ class Sampler:
         alphas_cumprod: torch.Tensor,
         prediction_type: str = "epsilon",
         resolution: int | None = None,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2: Any = None,
     ):
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 go together (SDXL)")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.alphas_cumprod = alphas_cumprod.to(torch.float64).cpu()
         self.prediction_type = prediction_type
         self.resolution = resolution or int(unet.config.sample_size) * 8
@@ -51,7 +64,8 @@ class Sampler:
         self.max_length = max_len if max_len <= 1000 else int(text_encoder.config.max_position_embeddings)
 
     @classmethod
-    def from_parts(cls, parts: DiffusersSD, resolution: int | None = None) -> Sampler:
+    def from_parts(cls, parts: DiffusersSD | DiffusersSDXL, resolution: int | None = None) -> Sampler:
+        """SD1/SD2 parts (``DiffusersSD``) or SDXL parts (``DiffusersSDXL``: two text encoders)."""
         return cls(
             parts.unet,
             parts.vae,
@@ -60,7 +74,13 @@ class Sampler:
             alphas_cumprod_from_config(parts.scheduler_config),
             parts.scheduler_config.get("prediction_type", "epsilon"),
             resolution,
+            getattr(parts, "text_encoder_2", None),
+            getattr(parts, "tokenizer_2", None),
         )
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     # ------------------------------------------------------------------ pieces
     def _device_dtype(self, module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -68,12 +88,26 @@ class Sampler:
         return p.device, p.dtype
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor | SDXLCond:
+        """The UNet's context (B, 77, width); for SDXL an ``SDXLCond`` (context and pooled embedding)."""
         device, _ = self._device_dtype(self.text_encoder)
+        if self.sdxl:
+            return encode_sdxl_text(self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, list(prompts), device)
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
         return self.text_encoder(ids)[0]
+
+    def _unet_kwargs(self, cond: torch.Tensor | SDXLCond, dtype: torch.dtype) -> dict:
+        """``encoder_hidden_states`` (and SDXL's ``added_cond_kwargs``) for a batch of ``cond``."""
+        if not self.sdxl:
+            return {"encoder_hidden_states": cond.to(dtype)}
+        n, r = cond.hidden.shape[0], self.resolution
+        tids = time_ids_from_sizes([(r, r, 0, 0, r, r)] * n).to(cond.hidden.device, dtype)
+        return {
+            "encoder_hidden_states": cond.hidden.to(dtype),
+            "added_cond_kwargs": {"text_embeds": cond.pooled.to(dtype), "time_ids": tids},
+        }
 
     def initial_noise(self, n: int, seed: int) -> torch.Tensor:
         side = self.resolution // 8
@@ -109,8 +143,9 @@ class Sampler:
         cond = self.encode_prompts(list(prompts))
         guided = guidance != 1.0
         if guided:
-            cond = torch.cat([self.encode_prompts([negative] * n), cond])
-        cond = cond.to(dtype)
+            uncond = self.encode_prompts([negative] * n)
+            cond = SDXLCond.cat([uncond, cond]) if self.sdxl else torch.cat([uncond, cond])
+        kwargs = self._unet_kwargs(cond, dtype)
         ac = self.alphas_cumprod
         ts = ddim_timesteps(steps, len(ac))
         for i, t in enumerate(ts):
@@ -118,7 +153,7 @@ class Sampler:
             a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             x_in = torch.cat([x, x]) if guided else x
             t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
-            out = self.unet(x_in.to(dtype), t_in, encoder_hidden_states=cond).sample.float()
+            out = self.unet(x_in.to(dtype), t_in, **kwargs).sample.float()
             if guided:
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance * (out_c - out_u)
