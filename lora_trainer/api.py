@@ -1,4 +1,4 @@
-"""REST routes: drive training without the browser (start, status, stop, stop-and-save).
+"""REST routes: drive training without the browser (start, status, stop, stop-and-save, grid).
 
 Mounted by the WebUI hosts in ``on_app_started`` and by the standalone page. Plain
 ``Request`` bodies (no pydantic models) so the same code runs on the FastAPI/pydantic pairs
@@ -47,6 +47,7 @@ def add_routes(
     lora_dir: Callable[[TrainConfig], Path],
     credentials: dict[str, str] | None = None,
     fixed_fields: dict[str, Any] | None = None,
+    start_grid: Callable[[TrainConfig, list[str]], None] | None = None,
 ) -> None:
     """Register the routes on a FastAPI ``app``. ``fixed_fields`` are set by the host and cannot be
     overridden by a request (e.g. the output folder inside a WebUI)."""
@@ -91,6 +92,34 @@ def add_routes(
             return error(400, e)
         return {"started": True, "output_name": cfg.output_name, "status": status().as_dict()}
 
+    async def grid_route(request: Request):
+        """``{"files": ["name-000003.safetensors", ...], "grid_weights": "0, 0.5, 1", ...}``: a grid of
+        saved files of the LoRA folder (names relative to it), as the tab's "Build grid" button."""
+        try:
+            payload = await request.json()
+        except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("files"), list) or not payload["files"]:
+            return JSONResponse(status_code=400, content={"error": 'send {"files": ["<name>.safetensors", ...]} and grid options'})
+        names = [str(n) for n in payload.pop("files")]
+        try:
+            cfg = TrainConfig.from_dict({**defaults().to_dict(), **payload, **(fixed_fields or {})}, source="the request").validate()
+            folder = lora_dir(cfg).resolve()
+            paths = []
+            for n in names:
+                target = (folder / n).resolve()
+                if folder not in target.parents or target.suffix != ".safetensors":
+                    raise ConfigError("files", n, f"a .safetensors file inside {folder}, named relative to it")
+                paths.append(str(target))
+            start_grid(cfg, paths)
+        except JobBusy as e:
+            return error(409, e)
+        except ConfigError as e:
+            return error(422, e)
+        except LoraTrainerError as e:
+            return error(400, e)
+        return {"started": True, "files": paths, "status": status().as_dict()}
+
     async def status_route():
         return status().as_dict()
 
@@ -110,3 +139,5 @@ def add_routes(
     app.add_api_route(f"{PREFIX}/status", status_route, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/stop", stop_route, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/stop_and_save", stop_save_route, methods=["POST"], dependencies=dependencies)
+    if start_grid is not None:
+        app.add_api_route(f"{PREFIX}/grid", grid_route, methods=["POST"], dependencies=dependencies)

@@ -137,11 +137,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Passive OpenMP waits: spinning threads make CPU training several times slower on a shared machine
     # (only takes effect when torch is not imported yet, as in `lora_trainer demo`).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .demo import DEMO_IMAGES, DEMO_REPEATS, DemoScorer, demo_config, make_demo_dataset
+    from .demo import (
+        DEMO_IMAGES,
+        DEMO_REPEATS,
+        DemoScorer,
+        demo_base_model,
+        demo_config,
+        load_demo_model,
+        make_demo_dataset,
+    )
     from .hosts.standalone import StandaloneHost
     from .train.loop import train
     from .train.runtime import Runtime
-    from .world.model import load_tiny_world
 
     try:
         from tqdm import tqdm
@@ -153,12 +160,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
     data = make_demo_dataset(run_dir, images=DEMO_IMAGES, repeats=DEMO_REPEATS)
     lora_dir = run_dir / "models" / "Lora"
-    cfg = demo_config(data, lora_dir, args.epochs).with_overrides(args.set or []).validate()
+    model = getattr(args, "model", "sd15")
+    cfg = demo_config(data, lora_dir, args.epochs, model).with_overrides(args.set or []).validate()
     cfg.save(run_dir / "config.toml")
+    _, about, pretrained = demo_base_model(model)
     print(f"demo dataset: {data}  (the 'ohwx' character: a yellow ring with a red dot)")
-    print(f"base model: {cfg.pretrained_model}  (tiny SD1.5-architecture model of a world of coloured shapes)")
+    print(f"base model: {cfg.pretrained_model}  ({about})")
     runtime = Runtime.from_env(cfg.mixed_precision, "cpu")
-    parts = load_tiny_world()
+    parts = load_demo_model(model)
     bundle = StandaloneHost(parts).model_bundle(cfg, runtime)
     scorer = DemoScorer(parts, samples_dir=run_dir / "samples", write=say)
     scorer.score_base()
@@ -171,6 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nlearning score on fixed seeds: 'character' = share of pictures for \"ohwx, a ring on a <colour> background\"")
     print("showing the yellow ring with the red dot; 'others' = share of pictures for other prompts of the world drawn right")
     print(scorer.table())
+    if not pretrained:
+        print("(a random model: the score needs the pretrained SDXL twin, tools/make_tiny_world.py --arch sdxl)")
     print(f"sample pictures: {run_dir / 'samples'}")
     print(f"config used: {run_dir / 'config.toml'}  (re-run with: lora_trainer train --config ...)")
     return 0
@@ -259,8 +270,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     tab.queue().launch(server_name=args.host, server_port=args.port, inbrowser=False, prevent_thread_lock=True)
     from .api import PREFIX, add_routes
 
-    add_routes(tab.app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir))
-    print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save")
+    add_routes(tab.app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir),
+               start_grid=backend.start_grid)
+    print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save, /grid")
     tab.block_thread()
     return 0
 
@@ -383,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a LoRA of a synthetic character on the shipped tiny pretrained model and score each epoch (no download)"
     )
     d.add_argument("--out", default="demo_output", help="folder for the demo run (default: demo_output)")
+    d.add_argument(
+        "--model", choices=("sd15", "sdxl"), default="sd15",
+        help="base model architecture: the tiny world's SD1.5 model (default) or its SDXL twin",
+    )
     d.add_argument("--epochs", type=int, default=4)
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (repeatable)")
     d.add_argument("--quiet", action="store_true")

@@ -18,7 +18,8 @@ from lora_trainer.job import TrainingJob  # noqa: E402
 
 
 def _client(tiny_sd, tiny_config, credentials=None, fixed=None):
-    job = TrainingJob(StandaloneHost(tiny_sd).run)
+    host = StandaloneHost(tiny_sd)
+    job = TrainingJob(host.run, grid=host.build_grid)
     app = fastapi.FastAPI()
     add_routes(
         app,
@@ -29,6 +30,7 @@ def _client(tiny_sd, tiny_config, credentials=None, fixed=None):
         lora_dir=lambda cfg: Path(cfg.output_dir),
         credentials=credentials,
         fixed_fields=fixed,
+        start_grid=job.start_grid,
     )
     return TestClient(app), job
 
@@ -97,3 +99,24 @@ def test_credentials_as_the_host_api(tiny_sd, tiny_config):
     r = client.get(f"{PREFIX}/status", headers=good)
     assert r.status_code == 200 and r.json()["state"] == "idle"
     assert client.post(f"{PREFIX}/train", json={}).status_code == 401
+
+
+def test_grid_of_saved_files_over_rest(tiny_sd, tiny_config):
+    from lora_trainer.grid import read_grid_parameters
+
+    client, job = _client(tiny_sd, tiny_config)
+    client.post(f"{PREFIX}/train", json={"max_train_epochs": 2, "output_name": "g"})
+    _wait(client, lambda s: s["state"] == "done")
+    # names outside the LoRA folder, or not LoRA files, are refused before anything runs
+    for bad in (["../g.safetensors"], ["/etc/passwd"], ["g-000001.ckpt"]):
+        r = client.post(f"{PREFIX}/grid", json={"files": bad})
+        assert r.status_code == 422 and r.json()["field"] == "files", bad
+    assert client.post(f"{PREFIX}/grid", json={}).status_code == 400
+    assert client.post(f"{PREFIX}/grid", json={"files": ["missing.safetensors"]}).status_code == 400
+    r = client.post(f"{PREFIX}/grid", json={"files": ["g-000001.safetensors", "g.safetensors"], "grid_weights": "0, 1",
+                                            "grid_steps": 2})
+    assert r.status_code == 200, r.json()
+    s = _wait(client, lambda s: s["state"] == "done" and s["grid"]["path"])
+    params = read_grid_parameters(s["grid"]["path"])
+    assert [c["epoch"] for c in params["columns"]] == [1, 2] and params["weights"] == [0.0, 1.0]
+    assert s["grid"]["done"] == s["grid"]["total"] == 4

@@ -228,6 +228,7 @@ def on_app_started(demo: Any, app: Any) -> None:
             lora_dir=host.lora_dir,
             credentials=credentials,
             fixed_fields={"output_dir": _default_lora_dir(host)},
+            start_grid=backend.start_grid,
         )
     except ImportError as e:
         log.error("LoRA Trainer: REST routes not added (%s is missing)", getattr(e, "name", e))
