@@ -180,7 +180,7 @@ def test_routes_are_added_once(env):
 
     client, app = _client(env)
     paths = [r.path for r in app.routes if r.path.startswith(PREFIX)]
-    assert sorted(paths) == sorted(f"{PREFIX}/{n}" for n in ("train", "status", "stop", "stop_and_save"))
+    assert sorted(paths) == sorted(f"{PREFIX}/{n}" for n in ("train", "status", "stop", "stop_and_save", "grid"))
     r = client.get(f"{PREFIX}/status")
     assert r.status_code == 200 and r.json()["state"] == "idle"
 
