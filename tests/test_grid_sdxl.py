@@ -123,3 +123,14 @@ def test_standalone_host_builds_sdxl_grids(tiny_sdxl, tiny_config):
     host.build_grid(tiny_config, files, bus, StopControl())
     again = [e.path for e in seen if isinstance(e, GridSaved)]
     assert len(again) == 1 and again[0] != grids[0] and Path(again[0]).parent == lora_dir
+
+
+def test_sdxl_grid_grows_a_column_per_epoch(tiny_sdxl, tiny_config):
+    from lora_trainer.grid import read_grid_parameters
+
+    cfg = tiny_config.with_overrides(["grid_each_epoch=true", "grid_weights=0, 1", "grid_steps=2"])
+    columns = []
+    bus = EventBus(lambda e: columns.append([c["epoch"] for c in read_grid_parameters(e.path)["columns"]])
+                   if isinstance(e, GridSaved) else None)
+    StandaloneHost(tiny_sdxl).run(cfg, bus, StopControl())
+    assert columns == [[1], [1, 2]]

@@ -79,7 +79,7 @@ class StandaloneHost:
         bundle = self.model_bundle(cfg, runtime)
         trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
         growing = None
-        if cfg.grid_each_epoch and getattr(self._parts, "family", "") != "sdxl":
+        if cfg.grid_each_epoch:
             from ..grid import GrowingGrid
             from ..world.sample import lora_weight
 
