@@ -1,8 +1,10 @@
 """The demo: a LoRA learns a character in the tiny world, and a score shows it learning.
 
 The base model is the pretrained tiny SD1.5-architecture model shipped in
-``lora_trainer/assets/tiny_world`` (it draws "a red circle on a blue background" and the like);
-the character is ``ohwx``, a yellow ring with a red dot, which it never saw. After every epoch the
+``lora_trainer/assets/tiny_world`` (it draws "a red circle on a blue background" and the like), or
+with ``model="sdxl"`` its SDXL-architecture twin in ``lora_trainer/assets/tiny_world_sdxl`` (two
+text encoders, size conditioning; pretrained the same way on the same world); the character is
+``ohwx``, a yellow ring with a red dot, which neither ever saw. After every epoch the
 LoRA being trained is scored on fixed seeds: how many pictures for "ohwx, a ring on a ...
 background" show the character (weight 1 against weight 0, the base model) and how many
 pictures for other prompts of the world are still right.
@@ -21,6 +23,52 @@ CONCEPT = OHWX.trigger
 DEMO_CONCEPT = OHWX
 DEMO_IMAGES = 12
 DEMO_REPEATS = 20
+DEMO_MODELS = ("sd15", "sdxl")
+
+
+def demo_base_model(model: str = "sd15") -> tuple[str, str, bool]:
+    """``(pretrained_model, description, pretrained)`` of the demo's base model for ``model``.
+
+    ``sdxl`` is the tiny world's pretrained SDXL twin when it is installed, else the randomly
+    initialised tiny SDXL (``builtin:tiny-sdxl``): training runs, but a random model draws noise,
+    so its score cannot show learning."""
+    from .world.model import ASSET_DIR, SDXL_ASSET_DIR, has_tiny_world_sdxl
+
+    if model == "sd15":
+        return str(ASSET_DIR), "tiny SD1.5-architecture model of a world of coloured shapes", True
+    if model != "sdxl":
+        raise ValueError(f"model must be one of {DEMO_MODELS}, got {model!r}")
+    if has_tiny_world_sdxl():
+        return (
+            str(SDXL_ASSET_DIR),
+            "the same world's tiny SDXL-architecture twin: two text encoders, size conditioning",
+            True,
+        )
+    from .hosts.standalone import BUILTIN_TINY_SDXL
+
+    return (
+        BUILTIN_TINY_SDXL,
+        "a randomly initialised tiny SDXL: the pretrained SDXL twin (lora_trainer/assets/tiny_world_sdxl) is not "
+        "installed, so the pictures are noise and the score cannot rise; build the twin with "
+        "tools/make_tiny_world.py --arch sdxl",
+        False,
+    )
+
+
+def load_demo_model(model: str = "sd15"):
+    """The demo's base model parts in float32 (see :func:`demo_base_model`)."""
+    _, _, pretrained = demo_base_model(model)
+    if model == "sd15":
+        from .world.model import load_tiny_world
+
+        return load_tiny_world()
+    if pretrained:
+        from .world.model import load_tiny_world_sdxl
+
+        return load_tiny_world_sdxl()
+    from .model.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(seed=0)
 
 
 def make_demo_dataset(root: str | Path, images: int = 8, size: int = 64, repeats: int = 5, seed: int = 0) -> Path:
@@ -28,15 +76,15 @@ def make_demo_dataset(root: str | Path, images: int = 8, size: int = 64, repeats
     return make_concept_dataset(root, DEMO_CONCEPT, images=images, size=size, repeats=repeats, seed=seed)
 
 
-def demo_config(data: Path, lora_dir: Path, epochs: int) -> TrainConfig:
+def demo_config(data: Path, lora_dir: Path, epochs: int, model: str = "sd15") -> TrainConfig:
     """Settings under which the character is learnt clearly within a few epochs on a CPU."""
-    from .world.model import ASSET_DIR, RESOLUTION
+    from .world.model import RESOLUTION
 
     return TrainConfig(
-        pretrained_model=str(ASSET_DIR),
+        pretrained_model=demo_base_model(model)[0],
         train_data_dir=str(data),
         output_dir=str(lora_dir),
-        output_name="demo_ohwx",
+        output_name="demo_ohwx" if model == "sd15" else f"demo_ohwx_{model}",
         resolution=RESOLUTION,
         network_dim=8,
         network_alpha=8.0,
