@@ -603,7 +603,11 @@ class FakePatcher:
         self.lora_patches: dict = {}
 
     def refresh_loras(self):
-        pass
+        # what Forge's LoraLoader does when the LoRA-free patcher is loaded: the weights a
+        # generation merged a LoRA into are put back (see fake_processing)
+        undo = self.__dict__.pop("undo_merge", None)
+        if undo is not None:
+            undo()
 
     def memory_required(self, shape):
         return 0
@@ -905,3 +909,142 @@ def test_unsupported_models_are_refused(fake_forge, tiny_config):
     fake_forge.sd_model.is_sdxl = False
     with pytest.raises(LoraTrainerError, match="not Stable Diffusion"):
         ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+
+
+# --------------------------------------------------------------- the grid through Forge's txt2img
+@pytest.fixture
+def fake_processing(fake_forge, monkeypatch):
+    """``modules.processing`` as far as the grid uses it. Each generation does what a Forge txt2img
+    with ``<lora:...>`` leaves behind: the text engine's clip skip set from the host option (1), and
+    a LoRA merged into a UNet weight (a new Parameter; loading the LoRA-free patcher undoes it)."""
+    from PIL import Image
+
+    sd_model = fake_forge.sd_model
+    calls: list[dict] = []
+    processing = types.ModuleType("modules.processing")
+
+    class P:
+        def __init__(self, **kw):
+            self.kw = kw
+
+        def close(self):
+            pass
+
+    def process_images(p):
+        assert sys.modules["modules"].call_queue.queue_lock.locked(), "generation is locked out"
+        fake_forge.log.append(("generate", p.kw["prompt"]))
+        calls.append(p.kw)
+        sd_model.text_processing_engine.clip_skip = 1
+        patcher = sd_model.forge_objects_original.unet
+        layer = patcher.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+        clean = layer.weight
+        with torch.inference_mode():
+            layer.weight = nn.Parameter(clean + 0.5, requires_grad=False)
+        patcher.__dict__.setdefault("undo_merge", lambda: setattr(layer, "weight", clean))
+        sd_model.current_lora_hash = f"[{p.kw['prompt']!r}]"
+        shade = int(255 * float(p.kw["prompt"].rsplit(":", 1)[1].rstrip(">")))
+        return types.SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (shade, 0, 0))])
+
+    processing.StableDiffusionProcessingTxt2Img = P
+    processing.process_images = process_images
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
+    return calls
+
+
+def _grid_cfg(tiny_config, **kw):
+    base = {**tiny_config.to_dict(), "grid_weights": "0, 1", "grid_prompt": "ohwx ring", "grid_seed": 9}
+    return tiny_config.__class__(**{**base, **kw})
+
+
+def test_grid_after_training_goes_through_forges_txt2img(fake_forge, fake_processing, tiny_config):
+    """The epochs x weights grid after training: each cell one txt2img with <lora:file:w>, on Forge's
+    main thread, while generation is locked out; the PNG lands next to the epoch files and the job
+    reports its progress. (Forge's adapter made no grid before: the real-Forge trial found it.)"""
+    from PIL import Image
+
+    from lora_trainer.train.events import GridProgress, GridSaved
+
+    events: list = []
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, grid_after_training=True), EventBus(events.append), StopControl())
+    assert {c["prompt"] for c in fake_processing} == {
+        "ohwx ring, <lora:t-000001:0>", "ohwx ring, <lora:t:0>", "ohwx ring, <lora:t-000001:1>", "ohwx ring, <lora:t:1>"
+    }  # fmt: skip
+    assert all(c["seed"] == 9 and c["do_not_save_samples"] and c["scheduler"] == "Automatic" for c in fake_processing)
+    log = fake_forge.log
+    gens = [i for i, e in enumerate(log) if e[0] == "generate"]
+    assert len(gens) == 4 and all(log[i - 1] == ("main_thread",) for i in gens), "each cell on Forge's main thread"
+    grid = Path(fake_forge.shared.cmd_opts.lora_dir) / "trained" / "t_grid.png"
+    with Image.open(grid) as im:
+        assert "lora_trainer_grid" in im.text
+    assert [e.done for e in events if isinstance(e, GridProgress)][-1] == 4
+    assert [e.path for e in events if isinstance(e, GridSaved)] == [str(grid)]
+    assert fake_forge.shared.state.calls == ["begin:lora_trainer", "end", "begin:LoRA grid", "end"]
+
+
+def test_grid_is_skipped_when_switched_off_or_stopped(fake_forge, fake_processing, tiny_config):
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, grid_after_training=False), EventBus(), StopControl())
+    fake_forge.shared.opts.lora_trainer_grid_after_training = False
+    run_in_thread(
+        ForgeHost(), _grid_cfg(tiny_config, grid_after_training=True, output_name="u"), EventBus(), StopControl()
+    )
+    assert fake_processing == []
+
+
+def test_a_failing_grid_does_not_fail_the_training(fake_forge, tiny_config):
+    # no modules.processing at all: the grid fails, the files stay, the run ends normally
+    from lora_trainer.train.events import Message
+
+    messages: list[str] = []
+    bus = EventBus(lambda e: messages.append(e.text) if isinstance(e, Message) else None)
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, grid_after_training=True), bus, StopControl())
+    assert (Path(fake_forge.shared.cmd_opts.lora_dir) / "trained" / "t.safetensors").is_file()
+    assert any("grid could not be built" in m for m in messages)
+
+
+def test_build_grid_button(fake_forge, fake_processing, tiny_config, tmp_path):
+    """The Build grid button on saved files: Forge's txt2img under the queue lock, the PNG beside them."""
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, grid_after_training=False), EventBus(), StopControl())
+    folder = Path(fake_forge.shared.cmd_opts.lora_dir) / "trained"
+    files = [str(folder / "t-000001.safetensors"), str(folder / "t.safetensors")]
+    ForgeHost().build_grid(_grid_cfg(tiny_config), files, EventBus(), StopControl())
+    assert len(fake_processing) == 4
+    assert sorted(p.name for p in folder.glob("*.png")) == ["t_grid.png"]
+    assert fake_forge.shared.state.calls[-2:] == ["begin:LoRA grid", "end"]
+    assert not sys.modules["modules"].call_queue.queue_lock.locked()
+
+
+def test_growing_grid_leaves_training_undisturbed(fake_forge, fake_processing, tiny_config):
+    """grid_each_epoch: a column after each saved epoch, through Forge's txt2img, in the middle of the
+    run. Forge's generation leaves its LoRA merged in the weights and its own clip skip in the text
+    engine; the adapter loads the clean weights back, sets the training clip skip again and reloads
+    the UNet and text encoder, so the LoRA trained is the same bit for bit as without the grid."""
+    from safetensors.torch import load_file
+
+    folder = Path(fake_forge.shared.cmd_opts.lora_dir) / "trained"
+    base = {"grid_after_training": False, "clip_skip": 2, "save_precision": "float"}
+    engine = fake_forge.sd_model.text_processing_engine
+    skips: list[int] = []
+
+    def listen(ev):
+        if isinstance(ev, StepEvent):
+            skips.append(engine.clip_skip)
+
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, output_name="plain", **base), EventBus(), StopControl())
+    assert fake_processing == []
+    loads_before = sum(1 for e in fake_forge.log if e[0] == "load")
+    cfg = _grid_cfg(tiny_config, output_name="grown", grid_each_epoch=True, **base)
+    run_in_thread(ForgeHost(), cfg, EventBus(listen), StopControl())
+
+    assert len(fake_processing) == 4, "two columns of two weights"
+    assert set(skips) == {2}, f"training clip skip after Forge's generation: {skips}"
+    assert (folder / "grown_grid.png").is_file()
+    plain, grown = load_file(str(folder / "plain.safetensors")), load_file(str(folder / "grown.safetensors"))
+    assert plain.keys() == grown.keys()
+    for k in plain:
+        assert torch.equal(plain[k], grown[k]), f"{k}: the grid column changed the training"
+    # after each column the LoRA-free UNet + CLIP were loaded (clean weights), then once more before training went on
+    loads = [e for e in fake_forge.log[loads_before:] if e[0] == "load"]
+    unet_clip = (id(fake_forge.sd_model.forge_objects.unet), id(fake_forge.sd_model.forge_objects.clip.patcher))
+    assert sum(1 for e in loads if e[1] == unet_clip) >= 3
+    assert engine.clip_skip == 1 and fake_forge.sd_model.current_lora_hash == str([])

@@ -19,6 +19,10 @@ function below, tested on its own (tests/test_host_forge.py):
 (e) :class:`_Placement`: latents are encoded first; the UNet and the text encoder are then loaded
     once with Forge's memory manager, which is not called again while the loop runs (a VAE load
     in between would evict the UNet; the host forces ``cache_latents`` for that reason).
+(f) :class:`ForgeGenerator`: the grid (after training, the Build grid button, or a column per
+    epoch) goes through Forge's own txt2img on Forge's main thread. A generation in the middle of a
+    run leaves Forge's LoRA merged and its own clip skip set: :meth:`ForgeHost._growing_grid` puts
+    the clean weights, the training clip skip and the placement back before training goes on.
 """
 
 from __future__ import annotations
@@ -277,6 +281,21 @@ class _Placement:
         self.ready = True
 
 
+class _Session:
+    """What a generation in the middle of a run (the growing grid) changes and training needs back:
+    the text engines' clip skip (Forge's processing sets it from its own option) and the placement
+    (Forge may have loaded other models)."""
+
+    def __init__(self, placement: _Placement, clip_skips: list[tuple[Any, int]]):
+        self.placement = placement
+        self.clip_skips = clip_skips
+
+    def resume(self) -> None:
+        for engine, skip in self.clip_skips:
+            engine.clip_skip = skip
+        self.placement.ready = False
+
+
 # ------------------------------------------------------------------------------------ the host
 def _shared() -> Any:
     from modules import shared
@@ -320,6 +339,7 @@ class ForgeHost:
     copies again. Swapping them back would cost a second full copy of the weights for nothing."""
 
     name = "forge"
+    _session: _Session | None = None
 
     # -- files ----------------------------------------------------------------------------
     def lora_dir(self, cfg: TrainConfig | None = None) -> Path:
@@ -450,6 +470,7 @@ class ForgeHost:
         old_clip_skip = getattr(engine, "clip_skip", None)
         if old_clip_skip is not None:
             engine.clip_skip = max(int(cfg.clip_skip), int(getattr(engine, "minimal_clip_skip", 1)))
+        self._session = _Session(placement, [] if old_clip_skip is None else [(engine, engine.clip_skip)])
 
         def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
             def regulation(posterior: Any) -> torch.Tensor:
@@ -501,6 +522,7 @@ class ForgeHost:
                 undo_ckpt.append(checkpoint_unet_blocks(dm))
 
         def release() -> None:
+            self._session = None
             enable_gradient_checkpointing(False)
             undo_guard()
             if old_clip_skip is not None:
@@ -529,9 +551,11 @@ class ForgeHost:
 
     # -- a run ----------------------------------------------------------------------------
     def run(self, cfg: TrainConfig, events: EventBus, stop: StopControl) -> None:
-        """One training run on Forge's loaded checkpoint, with generation locked out throughout."""
+        """One training run on Forge's loaded checkpoint, with generation locked out throughout; then
+        the epochs x weights grid through Forge's own txt2img (setting and ``grid_after_training``)."""
         from modules import call_queue
 
+        from ..api import check_output_inside
         from ..train.loop import preflight, train
 
         shared = _shared()
@@ -540,31 +564,100 @@ class ForgeHost:
         if not cfg.cache_latents and not cfg.cache_latents_to_disk:
             events.warning("Forge: latents are cached before training (a VAE encode per step would evict the UNet)")
             cfg = replace(cfg, cache_latents=True)
-        target = (folder.resolve() / f"{cfg.output_name}.safetensors").resolve()
-        if target.parent != folder.resolve():
-            raise ConfigError("output_name", cfg.output_name, f"a plain file name; files must stay inside {folder}")
+        cfg.validate()
+        check_output_inside(folder, cfg.output_name)
         scan = preflight(cfg, events)
         folder.mkdir(parents=True, exist_ok=True)
 
         lock = call_queue.queue_lock
-        if not lock.acquire(False):  # Forge's FIFOLock has no timeout: poll, so that Stop still works
-            events.info("waiting for Forge to finish the current generation")
-            while not lock.acquire(False):
-                if stop.requested:
-                    events.info("stopped before training began")
-                    return
-                time.sleep(0.2)
+        if not _acquire_queue_lock(lock, events, stop):
+            return
         try:
-            self._run_locked(cfg, scan, events, stop, shared, train)
+            result = self._run_locked(cfg, scan, events, stop, shared, train)
+            self.refresh_loras()
+            if (
+                result is not None
+                and result.files
+                and not stop.requested
+                and cfg.grid_after_training
+                and not cfg.grid_each_epoch  # that grid grew with the epochs
+                and bool(getattr(getattr(shared, "opts", None), "lora_trainer_grid_after_training", True))
+            ):
+                self._grid(cfg, result, scan, events, stop, shared)
         finally:
             lock.release()
-        self.refresh_loras()
 
-    def _run_locked(self, cfg: TrainConfig, scan: Any, events: EventBus, stop: StopControl, shared: Any, train) -> None:
+    def build_grid(self, cfg: TrainConfig, files: list[str], events: EventBus, stop: StopControl) -> None:
+        """The "Build grid" button: saved LoRA files x ``cfg.grid_weights`` through Forge's txt2img,
+        with generation locked out as for a training."""
+        from modules import call_queue
+
+        from ..grid import grid_of_files
+
+        shared = _shared()
+        lock = call_queue.queue_lock
+        if not _acquire_queue_lock(lock, events, stop):
+            return
+        state = shared.state
+        state.begin(job="LoRA grid")
+        try:
+            self.refresh_loras()  # files copied in since the last scan
+            grid_of_files(cfg, files, ForgeGenerator(), events, stop)
+        finally:
+            state.end()
+            lock.release()
+
+    def _grid(self, cfg: TrainConfig, result: Any, scan: Any, events: EventBus, stop: StopControl, shared: Any) -> None:
+        """The epochs x weights grid through Forge's txt2img (``<lora:file:w>`` in the prompt, the code
+        path the user's prompts take). A failure here is reported, never fatal: the files are saved."""
+        from ..grid import grid_after_training
+
+        state = shared.state
+        state.begin(job="LoRA grid")
+        try:
+            grid_after_training(
+                cfg, [str(p) for p in result.files], ForgeGenerator(), events, stop, _trigger(scan),
+                result.validation_losses,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - see docstring
+            events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
+        finally:
+            state.end()
+
+    def _growing_grid(self, cfg: TrainConfig, scan: Any, bus: EventBus, stop: StopControl, sd_model: Any):
+        """``after_save`` for ``grid_each_epoch``: the new epoch's column through Forge's txt2img with
+        the training LoRA at weight 0. Forge's generation leaves its LoRAs merged in the weights, sets
+        the text engine's clip skip from its own option and may move models: afterwards the clean
+        weights are loaded back, the training clip skip set again and the placement marked stale (the
+        next step loads the UNet and the text encoder once more). A failed column is reported, never fatal."""
+        from backend import memory_management as mm
+
+        from ..grid import GrowingGrid
+        from ..world.sample import lora_weight
+
+        growing = GrowingGrid(cfg, ForgeGenerator(), bus, stop, _trigger(scan))
+        bus.subscribe(growing)
+
+        def after_save(path: Path, network: Any) -> None:
+            self.refresh_loras()
+            try:
+                with lora_weight(network, 0.0):
+                    growing.add_column(path)
+            except Exception as e:  # noqa: BLE001 - the file is saved; training goes on
+                bus.warning(f"the grid column for {Path(path).name} could not be made ({type(e).__name__}: {e})")
+            finally:
+                restore_clean_weights(sd_model, mm.load_models_gpu)
+                session = self._session
+                if session is not None:
+                    session.resume()
+
+        return after_save
+
+    def _run_locked(self, cfg: TrainConfig, scan: Any, events: EventBus, stop: StopControl, shared: Any, train) -> Any:
         state = shared.state
         state.begin(job=JOB_NAME)
         mirror = _StateMirror(self, state, stop)
-        bus = EventBus(events.emit, mirror)
+        bus = EventBus(mirror, events.emit)  # the host state first: listeners see it current
         try:
             sd_model = self.loaded_model(reload=True)
             runtime = self.runtime_for(cfg, sd_model)
@@ -577,12 +670,66 @@ class ForgeHost:
             events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
             bundle = self.model_bundle(cfg, runtime, sd_model)
             try:
-                train(cfg, bundle, bus, stop, runtime=runtime, scan=scan)
+                after_save = self._growing_grid(cfg, scan, bus, stop, sd_model) if cfg.grid_each_epoch else None
+                return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan, after_save=after_save)
             finally:
                 bundle.release()
         finally:
             mirror.active = False
             state.end()
+
+
+def _trigger(scan: Any) -> str:
+    subsets = getattr(scan, "subsets", None)
+    return (subsets[0].name.split() or [""])[0] if subsets else ""
+
+
+def _acquire_queue_lock(lock: Any, events: EventBus, stop: StopControl) -> bool:
+    """Take Forge's queue lock; False when Stop came first. Its FIFOLock takes no timeout: poll, so
+    that Stop still works while a generation runs."""
+    if lock.acquire(False):
+        return True
+    events.info("waiting for Forge to finish the current generation")
+    while not lock.acquire(False):
+        if stop.requested:
+            events.info("stopped before it began")
+            return False
+        time.sleep(0.2)
+    return True
+
+
+class ForgeGenerator:
+    """``generate(cell)`` for the grid: one txt2img through Forge's ``modules.processing``, on Forge's
+    main thread (where its UI generates and loads models). The caller holds the queue lock; the
+    training LoRA is off."""
+
+    def __call__(self, cell: Any) -> Any:
+        def generate() -> Any:
+            from contextlib import closing
+
+            from modules import processing, shared
+
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model,
+                prompt=cell.prompt_with_lora(),
+                negative_prompt=cell.negative_prompt,
+                seed=cell.seed,
+                steps=cell.steps,
+                cfg_scale=cell.cfg_scale,
+                width=cell.width,
+                height=cell.height,
+                sampler_name=cell.sampler_name,
+                scheduler="Automatic",  # a scheduler in the sampler's name still wins (Forge parses it)
+                do_not_save_samples=True,
+                do_not_save_grid=True,
+            )
+            with closing(p):
+                processed = processing.process_images(p)
+            if not processed.images:
+                raise LoraTrainerError(f"Forge's txt2img gave no image for {cell.tag()}")
+            return processed.images[0]
+
+        return _on_forge_main_thread(generate)
 
 
 class _StateMirror:
