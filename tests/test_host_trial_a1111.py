@@ -22,6 +22,14 @@ both files in ``/sdapi/v1/loras`` with SD1 metadata and distinct aliases, every 
 host's Lora extension; ``<lora:name:1>`` changes the image and the same request without it is
 bit-identical to the one before training; the same after ``/stop``, ``/stop_and_save`` and the host's
 Interrupt; at the end ``/sdapi/v1/progress`` is idle, Clip skip is as it was, the log has no traceback.
+
+Then SDXL: a tiny SGM-layout checkpoint with its ``.yaml`` (the SDXL base config, narrow; CLIP-L from a
+local folder; OpenCLIP built by sgm by architecture name, a tiny one registered by a test-only
+extension's ``preload.py``, no download) is loaded through the checkpoint option; 2 epochs through the
+REST routes with the grid; SDXL metadata, SGM UNet names, separate te2 q/k/v keys, every key matched
+(a file with a bogus key is the control that the log would say so); a file of te2's q/k/v alone changes
+the image (the host folds them into OpenCLIP's fused ``in_proj``); the image without a LoRA is
+bit-identical to the one before training; the host is idle afterwards.
 """
 
 from __future__ import annotations
@@ -215,6 +223,255 @@ def build_checkpoint(models_dir: Path, name: str = "tiny_sd15") -> Path:
     return ckpt
 
 
+# --------------------------------------------------------------------------- the tiny SDXL checkpoint
+
+# sgm's FrozenOpenCLIPEmbedder2 builds its open_clip model by name: a tiny text tower is registered
+# under this name by a preload.py (run by the host before it loads a model) of a test-only extension
+# in the data dir. Its tokenizer is open_clip's own (vocabulary of 49408, shipped with the package).
+OPENCLIP_ARCH = "lora-trainer-trial-tiny-text"
+OPENCLIP_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}  # mlp_ratio 4
+SDXL_CKPT_YAML = """\
+model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    disable_first_stage_autocast: True
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+        weighting_config:
+          target: sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling
+        discretization_config:
+          target: sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: {adm}
+        num_classes: sequential
+        use_checkpoint: True
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [2]
+        num_res_blocks: 1
+        channel_mult: [1, 2]
+        num_head_channels: 16
+        use_spatial_transformer: True
+        use_linear_in_transformer: True
+        transformer_depth: [1, 2]
+        context_dim: {context_dim}
+        spatial_transformer_attn_type: softmax-xformers
+        legacy: False
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenCLIPEmbedder
+            params:
+              version: {clip_dir}
+              layer: hidden
+              layer_idx: -2
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              arch: {arch}
+              version: null
+              freeze: True
+              layer: penultimate
+              always_return_pooled: True
+              legacy: False
+          - is_trainable: False
+            input_key: original_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {time_embed}
+          - is_trainable: False
+            input_key: crop_coords_top_left
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {time_embed}
+          - is_trainable: False
+            input_key: target_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {time_embed}
+    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          attn_type: vanilla-xformers
+          double_z: true
+          z_channels: 4
+          resolution: 64
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [1, 1, 1, 1]
+          num_res_blocks: 1
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"""
+
+
+# A route of the test-only extension, run inside the host: the SDXL conditioning and UNet output as our
+# bundle computes them (with a LoRA file applied by our hooks and fused q/k/v path) against the host's own
+# get_learned_conditioning / apply_model (with the same file loaded by its Lora extension).
+SDXL_PROBE = """\
+import torch
+
+from modules import script_callbacks
+
+PROMPT = "ohwx ring, blue background"
+
+
+def probe(name: str = ""):
+    import networks
+    from modules import call_queue, devices, prompt_parser, shared
+
+    from lora_trainer.hosts.a1111 import _SDXLConditioning
+    from lora_trainer.model.sdxl import SDXLCond
+    from lora_trainer.network.load import network_from_file
+    from lora_trainer.network.targets import UNET_ATTENTION_CONTAINERS, find_targets
+
+    sd = shared.sd_model
+    xl = _SDXLConditioning(sd, devices.device)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(devices.device)
+    t = torch.tensor([500], device=devices.device)
+    tids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    batch = prompt_parser.SdConditioning([PROMPT], width=64, height=64)
+
+    def host():
+        with torch.no_grad():
+            c = sd.get_learned_conditioning(batch)
+            return c["crossattn"].float(), c["vector"].float(), sd.apply_model(x, t, c).float()
+
+    def ours():
+        with torch.no_grad():
+            c = xl.encode_text([PROMPT])
+            c = SDXLCond(c.hidden, c.pooled, tids)
+            return c.hidden.float(), xl.vector(c.pooled, tids).float(), xl.predict(x, t, c).float()
+
+    def diff(a, b):
+        return [float((p - q).abs().max()) / max(float(q.abs().max()), 1e-12) for p, q in zip(a, b)]
+
+    with call_queue.queue_lock:
+        networks.loaded_networks.clear()
+        base_host, base_ours = host(), ours()
+        out = {"base": diff(base_ours, base_host)}
+        if name:
+            path = networks.available_networks[name].filename
+            targets = find_targets(sd.model.diffusion_model, "lora_unet", UNET_ATTENTION_CONTAINERS) + xl.text_encoder_targets()
+            net, unmatched = network_from_file(path, targets)
+            net.to(devices.device)
+            net.attach()
+            try:
+                lora_ours = ours()
+            finally:
+                net.detach()
+            networks.load_networks([name], [1.0], [1.0], [None])
+            try:
+                lora_host = host()
+            finally:
+                networks.loaded_networks.clear()
+                host()  # the host's patched layers put the clean weights back
+            out.update(
+                unmatched=unmatched,
+                modules=len(net.loras),
+                lora=diff(lora_ours, lora_host),
+                lora_effect=diff(lora_ours, base_ours),
+                after=diff(host(), base_host),
+            )
+        return out
+
+
+script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_trainer_trial/sdxl_probe", probe, methods=["GET"]))
+"""
+
+
+def build_sdxl_checkpoint(models_dir: Path, name: str = "tiny_sdxl") -> Path:
+    """``models_dir/Stable-diffusion/<name>.safetensors`` (SGM layout, as lora_trainer.model.tiny_sdxl but
+    with A1111-buildable widths: GroupNorm(32) everywhere, an OpenCLIP vocabulary) + ``<name>.yaml`` (the
+    SDXL base config, tiny, with CLIP-L from a local folder), and the test extension that registers the
+    tiny OpenCLIP architecture. Deterministic (seeded)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lora_trainer.model.sdxl import DiffusersSDXL, to_sgm_checkpoint
+    from lora_trainer.model.tiny import write_tiny_tokenizer
+    from lora_trainer.model.tiny_sdxl import TIME_EMBED, TINY_SDXL_UNET, TINY_TE2
+
+    clip_dir = models_dir / "tiny_clip_sdxl"
+    write_tiny_tokenizer(clip_dir)
+    tok = CLIPTokenizer.from_pretrained(str(clip_dir))
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    (clip_dir / "config.json").write_text(
+        json.dumps({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **CLIP, **ids}, indent=1)
+    )
+    te2_config = {
+        **TINY_TE2,
+        "hidden_size": OPENCLIP_TEXT["width"],
+        "num_attention_heads": OPENCLIP_TEXT["heads"],
+        "num_hidden_layers": OPENCLIP_TEXT["layers"],
+        "intermediate_size": 4 * OPENCLIP_TEXT["width"],
+        "vocab_size": OPENCLIP_TEXT["vocab_size"],
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 0,
+    }
+    unet_config = {**TINY_SDXL_UNET, "norm_num_groups": 32, "cross_attention_dim": CLIP["hidden_size"] + te2_config["hidden_size"]}
+    torch.manual_seed(0)
+    parts = DiffusersSDXL(
+        unet=UNet2DConditionModel(**unet_config),
+        vae=AutoencoderKL(**VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP, **ids)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2_config)),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        scheduler_config={},
+    )
+    state = {k: v.detach().contiguous().clone() for k, v in to_sgm_checkpoint(parts).items()}
+    ckpt_dir = models_dir / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"{name}.safetensors"
+    save_file(state, str(ckpt))
+    ckpt.with_suffix(".yaml").write_text(
+        SDXL_CKPT_YAML.format(
+            adm=unet_config["projection_class_embeddings_input_dim"],
+            context_dim=unet_config["cross_attention_dim"],
+            clip_dir=json.dumps(str(clip_dir)),
+            arch=OPENCLIP_ARCH,
+            time_embed=TIME_EMBED,
+        )
+    )
+    # the tiny OpenCLIP architecture, registered in the host before it builds a model; and the probe route
+    ext = models_dir.parent / "extensions" / "lora_trainer_trial_helpers"
+    (ext / "scripts").mkdir(parents=True, exist_ok=True)
+    (ext / "scripts" / "lora_trainer_trial_probe.py").write_text(SDXL_PROBE)
+    config = {
+        "embed_dim": te2_config["projection_dim"],
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},  # built, then deleted by sgm
+        "text_cfg": OPENCLIP_TEXT,
+    }
+    (ext / f"{OPENCLIP_ARCH}.json").write_text(json.dumps(config, indent=1))
+    (ext / "preload.py").write_text(
+        "import os\n\n\ndef preload(parser):\n    import open_clip\n\n"
+        f"    open_clip.add_model_config(os.path.join(os.path.dirname(__file__), {OPENCLIP_ARCH + '.json'!r}))\n"
+    )
+    return ckpt
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -290,6 +547,7 @@ def a1111(tmp_path_factory):
     root = Path(A1111_DIR).resolve()
     data_dir = tmp_path_factory.mktemp("a1111_data")
     ckpt = build_checkpoint(data_dir / "models")
+    state["sdxl_ckpt"] = build_sdxl_checkpoint(data_dir / "models")  # loaded by the SDXL tests at the end
     # the extension as a user's clone has it, linked entry by entry: without .git (a clone with no
     # 'origin' remote makes A1111 print a traceback) and without the virtual environment
     ext = data_dir / "extensions" / "lora_trainer"
@@ -623,3 +881,121 @@ def test_idle_at_the_end(a1111):
     log = a1111.log_text()
     for bad in ("didn't match keys", "Traceback"):
         assert bad not in log, f"the WebUI log has {bad!r}"
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+def _lora_file(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_sdxl_train_through_rest_and_generate(a1111, tmp_path_factory):
+    """The tiny SDXL (sgm DiffusionEngine: CLIP-L + OpenCLIP with fused q/k/v) loaded through the host's
+    checkpoint option; 2 epochs through /train with the grid; files with SDXL metadata, SGM UNet names and
+    separate te2 q/k/v keys, every key matched by the host's Lora extension; te2's q/k/v alone change the
+    image (the host folded them into the fused in_proj); without a LoRA the image is bit-identical."""
+    from lora_trainer.network.save import save_lora_file
+
+    ckpt = state["sdxl_ckpt"]
+    t0 = time.monotonic()
+    a1111.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": ckpt.name}, timeout=START_TIMEOUT)
+    loaded = a1111.ok("GET", "/sdapi/v1/options").get("sd_model_checkpoint", "")
+    assert loaded.startswith(ckpt.name), f"the SDXL checkpoint is not loaded: {loaded}\n{a1111.log_tail()}"
+    print(f"\nSDXL checkpoint loaded in {time.monotonic() - t0:.1f} s")
+    prompt = "ohwx ring, blue background"
+    before = _txt2img(a1111, prompt)
+    state["sdxl_before"] = before
+
+    log_mark = len(a1111.log_text())
+    name = "trial_xl"
+    cfg = {
+        "train_data_dir": str(make_demo_dataset_once(tmp_path_factory)),
+        "output_name": name,
+        "resolution": 64,
+        "network_dim": 4,
+        "network_alpha": 4,
+        "max_train_epochs": 2,
+        "unet_lr": 1e-2,
+        "text_encoder_lr": 1e-2,
+        "lr_scheduler": "constant",
+        "seed": 1,
+        "grid_weights": "0, 1",
+        "grid_steps": 2,
+    }
+    t0 = time.monotonic()
+    assert a1111.ok("POST", "/lora_trainer/v1/train", cfg).get("started") is True
+    st = _wait_until_idle(a1111, name, TRAIN_TIMEOUT)
+    print(f"SDXL training + grid: {time.monotonic() - t0:.1f} s; messages: {st['messages']}")
+    assert st["error"] in (None, ""), f"training failed: {st['error']}\n{st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
+    assert st["state"] == "done" and st["step"] == st["total_steps"] == 16 and st["epoch"] == 2, st
+    assert st["grid"]["total"] == 4 and st["grid"]["done"] == 4, st["grid"]
+    files = [Path(f["path"]) for f in st["files"]]
+    assert [f.name for f in files] == [f"{name}-000001.safetensors", f"{name}.safetensors"], st["files"]
+
+    tensors, meta = _lora_file(files[-1])
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+    stems = {k.split(".")[0] for k in tensors}
+    te2 = {s for s in stems if s.startswith("lora_te2_")}
+    assert len(te2) == 6 * OPENCLIP_TEXT["layers"], sorted(te2)
+    for layer in range(OPENCLIP_TEXT["layers"]):
+        for part in ("q", "k", "v"):
+            up = tensors[f"lora_te2_text_model_encoder_layers_{layer}_self_attn_{part}_proj.lora_up.weight"]
+            assert up.shape == (OPENCLIP_TEXT["width"], 4) and up.abs().sum() > 0, f"te2 layer {layer} {part} learned nothing"
+    assert sum(s.startswith("lora_te1_") for s in stems) == 6 * CLIP["num_hidden_layers"]
+    unet = {s for s in stems if s.startswith("lora_unet_")}
+    assert unet and all(s.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for s in unet)
+    loras = {item["name"]: item for item in a1111.ok("GET", "/sdapi/v1/loras")}
+    for f in files:
+        assert f.stem in loras, f"{f.stem} is not in /sdapi/v1/loras"
+        assert (loras[f.stem].get("metadata") or {}).get("ss_base_model_version") == "sdxl_base_v1-0"
+
+    with_lora = _txt2img(a1111, f"{prompt} <lora:{name}:1>")
+    # te2's attention only (out_proj zeroed: the host folds q/k/v into in_proj only when out_proj is there too)
+    qkv = {k: v for k, v in tensors.items() if k.startswith("lora_te2_") and "_self_attn_" in k}
+    for k in qkv:
+        if "_out_proj." in k and k.endswith("lora_up.weight"):
+            qkv[k] = qkv[k] * 0
+    save_lora_file(files[-1].with_name(f"{name}_te2qkv.safetensors"), qkv, {**meta, "ss_output_name": f"{name}_te2qkv"})
+    a1111.ok("POST", "/sdapi/v1/refresh-loras")
+    te2_only = _txt2img(a1111, f"{prompt} <lora:{name}_te2qkv:4>")
+    after = _txt2img(a1111, prompt)
+    new_log = a1111.log_text()[log_mark:]
+    for bad in ("didn't match keys", f"Network {name}", "Couldn't find network", "Traceback"):
+        assert bad not in new_log, f"the WebUI said {bad!r}:\n{new_log[-3000:]}"
+    # the control: a key the host cannot place is reported (so the check above can see one)
+    bogus = {**qkv, "lora_te2_text_model_encoder_layers_99_self_attn_q_proj.lora_up.weight": qkv[next(iter(qkv))]}
+    save_lora_file(files[-1].with_name("trial_bogus_key.safetensors"), bogus, {**meta, "ss_output_name": "trial_bogus_key"})
+    a1111.ok("POST", "/sdapi/v1/refresh-loras")
+    _txt2img(a1111, f"{prompt} <lora:trial_bogus_key:1>")
+    control = [ln for ln in a1111.log_text()[log_mark:].splitlines() if "didn't match keys" in ln]
+    assert len(control) == 1 and "trial_bogus_key" in control[0] and "layers_99" in control[0], control
+    assert with_lora != before, "<lora:...:1> did not change the SDXL image"
+    assert te2_only != before, "te2's q/k/v did not change the image: the host did not apply them to the fused in_proj"
+    assert after == before, f"the SDXL image without a LoRA changed after training ({_digest(before)} -> {_digest(after)})"
+
+    # inside the host: our conditioning and UNet output equal the host's, without and with the LoRA
+    probe = a1111.ok("GET", f"/lora_trainer_trial/sdxl_probe?name={name}")
+    print("SDXL probe (relative max differences: crossattn, vector, UNet output):", probe)
+    assert max(probe["base"]) < 1e-5, probe
+    assert probe["unmatched"] == [] and probe["modules"] == len(stems), probe
+    assert min(probe["lora_effect"]) > 1e-4, probe  # the LoRA changes all three
+    assert max(probe["lora"]) < 1e-4, probe  # the host's merged weights (te2 into in_proj) == our hooks / fused path
+    assert max(probe["after"]) == 0, probe
+    state["sdxl_status"] = st
+
+
+def test_sdxl_idle_at_the_end(a1111):
+    assert "sdxl_status" in state, "the SDXL training test did not run"
+    prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+    job = prog.get("state", {})
+    assert prog.get("progress", 0) == 0 and not job.get("job"), prog
+    assert a1111.ok("GET", "/lora_trainer/v1/status")["running"] is False
+    assert a1111.ok("GET", "/sdapi/v1/options").get("CLIP_stop_at_last_layers") == state.get("clip_skip", 1)
+    log = a1111.log_text()
+    assert "Traceback" not in log, "the WebUI log has a traceback"
+    unmatched = [ln for ln in log.splitlines() if "didn't match keys" in ln and "trial_bogus_key" not in ln]
+    assert not unmatched, f"the WebUI's Lora extension left keys unmatched: {unmatched}"
