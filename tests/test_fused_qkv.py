@@ -319,3 +319,24 @@ def test_openclip_targets_can_stop_before_the_last_block(hf_te2):
     assert len(names) == 6 and all(n.startswith("lora_te_text_model_encoder_layers_0_") for n in names)
     with pytest.raises(TypeError):
         openclip_text_targets(nn.Linear(2, 2), "lora_te")
+
+
+def test_half_precision_attention_with_float32_lora_under_autocast():
+    """As on a GPU host with half weights: the deltas are cast to the weights' dtype, the gradients reach
+    the float32 LoRA parameters."""
+    m = _mha(False).to(torch.bfloat16).requires_grad_(False)  # frozen, as the loop leaves host weights
+    net = LoRANetwork.create([_target(f"lora_{p}", FusedProjection(m, p)) for p in FusedProjection.PARTS], 3, 1.5)
+    _randomize(net)
+    x = torch.randn(5, 2, 16)
+    net.attach()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, x, x, need_weights=False)[0]
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        out.float().square().mean().backward()
+    finally:
+        net.detach()
+    for mod in net.loras:
+        assert mod.lora_up.weight.dtype == torch.float32
+        assert mod.lora_up.weight.grad is not None and mod.lora_up.weight.grad.abs().sum() > 0, mod.lora_name
+    assert m.in_proj_weight.grad is None and m.out_proj.weight.grad is None and m.in_proj_weight.dtype == torch.bfloat16

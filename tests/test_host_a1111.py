@@ -1084,8 +1084,11 @@ def test_sdxl_host_loras_are_cleared_through_the_fused_attention(sdxl_env, cfg):
         if isinstance(ev, StepEvent) and ev.step == 1:
             seen.append(torch.equal(attn.in_proj_weight, clean["weights"]["te2.transformer.resblocks.0.attn.in_proj_weight"]))
 
-    A1111Host().run(TrainConfig(**{**cfg.to_dict(), "max_train_epochs": 1}), EventBus(listener), StopControl())
+    run_cfg = TrainConfig(**{**cfg.to_dict(), "max_train_epochs": 1, "gradient_checkpointing": True})
+    A1111Host().run(run_cfg, EventBus(listener), StopControl())
     assert seen == [True], "training ran on the clean fused weights"
+    tensors, _ = _file(env.lora_dir / "t.safetensors")
+    assert tensors["lora_unet_middle_block_1_transformer_blocks_1_attn2_to_k.lora_up.weight"].abs().sum() > 0
     _assert_host_unchanged(clean, _snapshot_xl(sd))
     env.networks.loaded_networks.append(FakeNetwork("host"))
     again = _snapshot_xl(sd)
