@@ -616,16 +616,17 @@ class FakePatcher:
 class FakeFirstStage(nn.Module):
     """Forge's VAE module interface (``encode(x, regulation)``, ``process_in``) over diffusers' VAE."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, scale: float = 0.18215):
         super().__init__()
         self.vae = vae
+        self.scale = scale
 
     def encode(self, x, regulation=None):
         posterior = self.vae.encode(x).latent_dist
         return regulation(posterior) if regulation is not None else posterior.sample()
 
     def process_in(self, z):
-        return z * 0.18215
+        return z * self.scale
 
 
 class FakeEngine:
@@ -903,8 +904,8 @@ def test_lora_dir_and_subfolder(fake_forge):
 def test_unsupported_models_are_refused(fake_forge, tiny_config):
     from lora_trainer.train.runtime import Runtime
 
-    fake_forge.sd_model.is_sd1, fake_forge.sd_model.is_sdxl = False, True
-    with pytest.raises(LoraTrainerError, match="SDXL"):
+    fake_forge.sd_model.is_sd1, fake_forge.sd_model.is_sdxl = False, True  # SDXL-type without SDXL's parts
+    with pytest.raises(LoraTrainerError, match="not an SDXL base model"):
         ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
     fake_forge.sd_model.is_sdxl = False
     with pytest.raises(LoraTrainerError, match="not Stable Diffusion"):
@@ -1048,3 +1049,365 @@ def test_growing_grid_leaves_training_undisturbed(fake_forge, fake_processing, t
     unet_clip = (id(fake_forge.sd_model.forge_objects.unet), id(fake_forge.sd_model.forge_objects.clip.patcher))
     assert sum(1 for e in loads if e[1] == unet_clip) >= 3
     assert engine.clip_skip == 1 and fake_forge.sd_model.current_lora_hash == str([])
+
+
+# =========================================================================== SDXL
+#
+# Forge holds SDXL (backend/diffusion_engine/sdxl.py) as: ``forge_objects.clip.cond_stage_model.clip_l``
+# and ``.clip_g``, each ``.transformer`` a HF CLIPTextModel (CLIP-G with separate q/k/v and a
+# ``text_projection`` Linear added); ``text_processing_engine_l`` / ``_g`` (layer -max(clip_skip, 2),
+# no final LayerNorm; the G engine also returns the projected pooled output); ``embedder`` a sinusoidal
+# timestep embedding of each size value; the UNet an LDM/SGM UNet taking ``y`` (``label_emb``). The
+# stand-ins carry the tiny SDXL's weights (lora_trainer.model.tiny_sdxl), so the standalone diffusers
+# SDXL bundle on the same weights is the reference.
+
+
+@pytest.fixture(scope="module")
+def _tiny_sdxl_parts(tmp_path_factory):
+    from lora_trainer.model.tiny_sdxl import build_tiny_sdxl
+
+    parts = build_tiny_sdxl(seed=0, tokenizer_dir=tmp_path_factory.mktemp("tokxl"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # no zero-initialised layer anywhere: every weight matters to the comparisons
+        for m in (parts.unet, parts.text_encoder, parts.text_encoder_2):
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return parts
+
+
+@pytest.fixture
+def tiny_sdxl(_tiny_sdxl_parts):
+    import copy
+
+    return copy.deepcopy(_tiny_sdxl_parts)
+
+
+class FakeSDXLEngine:
+    """Forge's ClassicTextProcessingEngine as its SDXL model sets it up (minimal clip skip 2, no final
+    LayerNorm; CLIP-G: the pooled output through ``text_projection``), as far as training sees it."""
+
+    def __init__(self, clip_wrapper, tokenizer, key: str):
+        self.text_encoder, self.tokenizer, self.key = clip_wrapper, tokenizer, key
+        self.clip_skip = self.minimal_clip_skip = 2
+        self.return_pooled = key == "clip_g"
+        emb = clip_wrapper.transformer.text_model.embeddings
+        emb.token_embedding = TIWrapper(emb.token_embedding)
+
+    def __call__(self, texts):
+        transformer = self.text_encoder.transformer
+        emb = transformer.text_model.embeddings
+        emb.token_embedding = emb.token_embedding.to(dtype=torch.float32)
+        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = transformer(ids, output_hidden_states=True)
+        z = out.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
+        if not self.return_pooled:
+            return z
+        return z, transformer.text_projection(out.pooler_output)
+
+
+class FakeTimestep(nn.Module):
+    """Forge's ``backend.nn.unet.Timestep``: ``timestep_embedding(t, dim)`` (cos, then sin)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
+        return timestep_embedding(t, self.dim)
+
+
+def build_forge_sdxl_unet(parts) -> nn.Module:
+    """Forge's SDXL UNet in small: ldm's UNetModel (SGM module paths, ``label_emb``, ``y``) with the tiny
+    SDXL UNet's weights and Forge's traits (in-place residual adds, Forge-style Linear)."""
+    import contextlib
+    import io
+
+    from lora_trainer.model.ldm_names import convert_unet_state_dict, unet_diffusers_to_ldm_names
+    from tests.test_ldm_names import _ldm_unet_kwargs
+
+    openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    ldm_attention = pytest.importorskip("ldm.modules.attention")
+    config = dict(parts.unet.config)
+    depths = {
+        config["transformer_layers_per_block"][i] for i, t in enumerate(config["down_block_types"]) if "CrossAttn" in t
+    }
+    assert len(depths) == 1, "one transformer depth on the attention levels (ldm takes an int)"
+    depth = depths.pop()
+
+    class UNetModel(openaimodel.UNetModel):
+        # Forge's signature; this ldm's SpatialTransformer takes one context per depth
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kw):  # noqa: B006
+            return super().forward(x, timesteps, [context] * depth, y)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        unet = UNetModel(**_ldm_unet_kwargs({**config, "transformer_layers_per_block": depth}))
+    ted = unet.time_embed[0].out_features
+    unet.num_classes = "sequential"
+    adm = config["projection_class_embeddings_input_dim"]
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    for m in unet.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.num_groups = config["norm_num_groups"]
+    unet.load_state_dict(
+        convert_unet_state_dict(parts.unet.state_dict(), unet_diffusers_to_ldm_names(config)), strict=True
+    )
+    inplace_block = type(
+        "InplaceTransformerBlock", (ldm_attention.BasicTransformerBlock,), {"_forward": _inplace_forward}
+    )
+    for m in unet.modules():
+        if type(m) is ldm_attention.BasicTransformerBlock:
+            m.__class__ = inplace_block
+            m.checkpoint = False
+    assert forgeify_linears(unet) > 0
+    unet.computation_dtype = torch.float32
+    unet.storage_dtype = torch.float32
+    return unet.eval()
+
+
+def forge_clip_g(te2) -> nn.Module:
+    """Forge's CLIP-G: a plain CLIPTextModel with a ``text_projection`` Linear added (loader.py,
+    ``IntegratedCLIP(CLIPTextModel, config, add_text_projection=True)``), holding the weights of
+    the diffusers CLIPTextModelWithProjection."""
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel(te2.config)
+    missing, unexpected = model.load_state_dict(te2.state_dict(), strict=False)
+    assert not missing and unexpected == ["text_projection.weight"], (missing, unexpected)
+    model.text_projection = nn.Linear(te2.config.hidden_size, te2.config.projection_dim, bias=False)
+    model.text_projection.weight = nn.Parameter(te2.text_projection.weight.detach().clone())
+    return model.eval()
+
+
+def build_fake_sdxl_model(parts):
+    import copy
+
+    from lora_trainer.model.sd import alphas_cumprod_from_config
+    from lora_trainer.model.tiny_sdxl import TIME_EMBED
+
+    unet = build_forge_sdxl_unet(parts)
+    kmodel = nn.Module()
+    kmodel.diffusion_model = unet
+    kmodel.predictor = nn.Module()
+    kmodel.predictor.prediction_type = "epsilon"
+    kmodel.predictor.register_buffer("alphas_cumprod", alphas_cumprod_from_config(parts.scheduler_config))
+    kmodel.storage_dtype = torch.float32
+
+    clip_l, clip_g = nn.Module(), nn.Module()
+    clip_l.transformer = copy.deepcopy(parts.text_encoder).eval()
+    clip_g.transformer = forge_clip_g(parts.text_encoder_2)
+    for w in (clip_l, clip_g):
+        forgeify_linears(w)
+    cond_stage_model = nn.ModuleDict({"clip_l": clip_l, "clip_g": clip_g})
+    engine_l = FakeSDXLEngine(clip_l, parts.tokenizer, "clip_l")
+    engine_g = FakeSDXLEngine(clip_g, parts.tokenizer_2, "clip_g")
+    first_stage = FakeFirstStage(copy.deepcopy(parts.vae).eval(), scale=0.13025)
+    for m in (kmodel, cond_stage_model, first_stage):
+        as_inference_tensors(m)
+
+    unet_patcher = FakePatcher(kmodel)
+    clip = types.SimpleNamespace(cond_stage_model=cond_stage_model, patcher=FakePatcher(cond_stage_model))
+    vae = types.SimpleNamespace(
+        first_stage_model=first_stage,
+        patcher=FakePatcher(first_stage),
+        device=torch.device("cpu"),
+        vae_dtype=torch.float32,
+        memory_used_encode=lambda shape, dtype: 1,
+    )
+    original = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=vae)
+    original.shallow_copy = lambda: types.SimpleNamespace(
+        unet=original.unet, clip=original.clip, vae=original.vae, shallow_copy=original.shallow_copy
+    )
+    return types.SimpleNamespace(
+        is_sd1=False,
+        is_sd2=False,
+        is_sdxl=True,
+        forge_objects=original.shallow_copy(),
+        forge_objects_original=original,
+        forge_objects_after_applying_lora=original.shallow_copy(),
+        current_lora_hash="[('some.safetensors', 1.0, 1.0, False)]",
+        text_processing_engine_l=engine_l,
+        text_processing_engine_g=engine_g,
+        embedder=FakeTimestep(TIME_EMBED),
+        sd_checkpoint_info=types.SimpleNamespace(
+            title="tiny-xl [0000]", filename="/models/tiny-xl.safetensors", sha256=None
+        ),
+    )
+
+
+@pytest.fixture
+def fake_forge_xl(fake_forge, tiny_sdxl):
+    """The fake Forge of :func:`fake_forge`, holding the tiny SDXL instead."""
+    sd_model = build_fake_sdxl_model(tiny_sdxl)
+    fake_forge.shared.sd_model = sd_model
+    fake_forge.sd_model = sd_model
+    fake_forge.parts = tiny_sdxl
+    return fake_forge
+
+
+def _reference_bundle(parts):
+    import copy
+
+    from lora_trainer.model.sdxl import make_sdxl_bundle
+
+    return make_sdxl_bundle(copy.deepcopy(parts), device="cpu", dtype=torch.float32)
+
+
+CAPTIONS = ["ohwx ring, blue background", "a green square"]
+SIZES = [(64, 48, 8, 0, 64, 64), (96, 64, 0, 16, 64, 64)]
+
+
+def test_sdxl_bundle_conditions_the_unet_as_the_reference(fake_forge_xl, tiny_config):
+    """Forge's SDXL in the bundle gives what the standalone diffusers SDXL bundle gives on the same
+    weights: context (CLIP-L then CLIP-G penultimate states), pooled projection, and the UNet output
+    with size conditioning (the ``y`` vector built as Forge builds it)."""
+    from lora_trainer.model.sdxl import SDXLCond
+    from lora_trainer.train.runtime import Runtime
+
+    ref = _reference_bundle(fake_forge_xl.parts)
+    bundle = ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+    try:
+        assert bundle.family == "sdxl" and bundle.default_resolution == 1024
+        assert bundle.base_model_version == "sdxl_base_v1-0"
+        with torch.no_grad():
+            got, want = bundle.encode_text(CAPTIONS), ref.encode_text(CAPTIONS)
+            assert isinstance(got, SDXLCond)
+            torch.testing.assert_close(got.hidden, want.hidden, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.pooled, want.pooled, atol=1e-5, rtol=1e-5)
+            g = torch.Generator().manual_seed(4)
+            x = torch.randn(2, 4, 8, 8, generator=g)
+            t = torch.tensor([10, 700])
+            for sizes in (SIZES, None):  # given sizes; none: the latents' square size
+                out = bundle.predict(x, t, bundle.condition(got, sizes))
+                expect = ref.predict(x, t, ref.condition(want, sizes))
+                torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
+            other = bundle.predict(x, t, bundle.condition(got, [(1024, 1024, 0, 0, 1024, 1024)] * 2))
+            assert (other - out).abs().max() > 1e-4, "the size conditioning reaches the UNet"
+            joined = bundle.concat_conditions([bundle.condition(got, SIZES), bundle.condition(got, SIZES)])
+            assert joined.hidden.shape[0] == 4 and joined.time_ids.shape == (4, 6)
+    finally:
+        bundle.release()
+
+
+def test_sdxl_lora_names_are_kohyas(fake_forge_xl, tiny_config):
+    """``lora_unet_`` + SGM module paths, ``lora_te1_`` / ``lora_te2_`` + HF paths with separate q/k/v:
+    the names the standalone SDXL bundle (and kohya sd-scripts) give the same layers."""
+    from lora_trainer.train.runtime import Runtime
+
+    ref = _reference_bundle(fake_forge_xl.parts)
+    bundle = ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+    try:
+        for conv in (False, True):
+            got = sorted(t.lora_name for t in bundle.unet_targets(conv))
+            assert got == sorted(t.lora_name for t in ref.unet_targets(conv)), conv
+        te = sorted(t.lora_name for t in bundle.text_encoder_targets())
+        assert te == sorted(t.lora_name for t in ref.text_encoder_targets())
+        assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k" in got
+        assert {
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te2_text_model_encoder_layers_1_self_attn_v_proj",
+        } <= set(te)
+        assert not [n for n in te if "text_projection" in n]
+    finally:
+        bundle.release()
+
+
+def _one_step_grads(bundle, state: dict) -> dict[str, torch.Tensor]:
+    """LoRA gradients of one loss on ``bundle``, the network's weights loaded from ``state``."""
+    for root in bundle.trainable_roots:
+        root.requires_grad_(False)
+    net = LoRANetwork.create(bundle.unet_targets(False) + bundle.text_encoder_targets(), 4, 4.0)
+    net.load_kohya_state_dict(state)
+    net.attach()
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        noise = torch.randn(2, 4, 8, 8, generator=g)
+        cond = bundle.condition(bundle.encode_text(CAPTIONS), SIZES)
+        loss = (bundle.predict(x, torch.tensor([10, 700]), cond) - noise).pow(2).mean()
+        loss.backward()
+        grads = {f"{m.lora_name}.{k}": getattr(m, k).weight.grad for m in net.loras for k in ("lora_down", "lora_up")}
+        return {k: None if v is None else v.clone() for k, v in grads.items()}
+    finally:
+        net.detach()
+
+
+def test_sdxl_training_signal_matches_the_reference(fake_forge_xl, tiny_config):
+    """With the same LoRA weights, one step's gradients on Forge's SDXL equal the standalone SDXL's,
+    for every UNet and text-encoder adapter: the same training, through Forge's traits (inference
+    tensors, in-place residual adds, Forge's Linear)."""
+    from lora_trainer.train.runtime import Runtime
+
+    ref = _reference_bundle(fake_forge_xl.parts)
+    init = LoRANetwork.create(ref.unet_targets(False) + ref.text_encoder_targets(), 4, 4.0)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in init.loras:
+            m.lora_up.weight.copy_(0.1 * torch.randn(m.lora_up.weight.shape, generator=gen))
+    state = init.kohya_state_dict()
+    want = _one_step_grads(ref, state)
+    bundle = ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+    try:
+        got = _one_step_grads(bundle, state)
+    finally:
+        bundle.release()
+    assert got.keys() == want.keys()
+    # CLIP-L's last layer feeds no output the UNet sees (the penultimate states): no gradient, in both
+    unused = {k for k, v in want.items() if v is None}
+    assert unused and all(k.startswith("lora_te1_text_model_encoder_layers_1_") for k in unused), sorted(unused)
+    assert {k for k, v in got.items() if v is None} == unused
+    assert any(k.startswith("lora_te2_") for k in got)
+    for k in want.keys() - unused:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-3, msg=k)
+        if ".lora_down" in k:
+            assert got[k].abs().sum() > 0, f"{k}: no gradient"
+
+
+def test_forge_host_trains_sdxl_end_to_end(fake_forge_xl, tiny_config):
+    from safetensors import safe_open
+
+    sd_model, log = fake_forge_xl.sd_model, fake_forge_xl.log
+    engines = (sd_model.text_processing_engine_l, sd_model.text_processing_engine_g)
+    unet = sd_model.forge_objects_original.unet.model.diffusion_model
+    g = torch.Generator().manual_seed(9)
+    probe = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 96, generator=g))
+    y = torch.randn(1, unet.label_emb[0][0].in_features, generator=g)
+    with torch.inference_mode():
+        before = unet(*probe, y=y).clone()
+    flags_before = [(k, p.requires_grad) for k, p in unet.named_parameters()]
+    skips: list[tuple[int, int]] = []
+
+    def listen(ev):
+        if isinstance(ev, StepEvent):
+            skips.append(tuple(e.clip_skip for e in engines))
+
+    cfg = tiny_config.__class__(**{**tiny_config.to_dict(), "clip_skip": 3})
+    run_in_thread(ForgeHost(), cfg, EventBus(listen), StopControl())
+
+    path = Path(fake_forge_xl.shared.cmd_opts.lora_dir) / "trained" / "t.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    modules = {k.split(".", 1)[0] for k in keys}
+    ref = _reference_bundle(fake_forge_xl.parts)
+    assert modules == {t.lora_name for t in ref.unet_targets(False) + ref.text_encoder_targets()}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert set(skips) == {(3, 3)} and all(e.clip_skip == 2 for e in engines), "clip skip set for the run, then put back"
+    assert sd_model.current_lora_hash == str([])
+    assert any(e[0] == "load" for e in log)
+    assert [(k, p.requires_grad) for k, p in unet.named_parameters()] == flags_before
+    with torch.inference_mode():
+        assert torch.equal(unet(*probe, y=y), before)
+        for e in engines:  # Forge can still encode text in inference mode
+            e(["a photo"])
+
+
+def test_sdxl_refiner_is_refused(fake_forge_xl, tiny_config):
+    from lora_trainer.train.runtime import Runtime
+
+    sd_model = fake_forge_xl.sd_model
+    del sd_model.text_processing_engine_l  # Forge's StableDiffusionXLRefiner: CLIP-G only
+    with pytest.raises(LoraTrainerError, match="refiner"):
+        ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
+    assert sd_model.current_lora_hash != str([]), "refused before anything was changed"

@@ -44,7 +44,14 @@ from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 from ..model.bundle import ModelBundle
 from ..model.ldm import checkpoint_ldm_unet_blocks, ldm_unet_blocks
-from ..network.targets import TEXT_CONTAINERS, Target, find_targets
+from ..model.sdxl import SDXLCond, time_ids_from_sizes
+from ..network.targets import (
+    TEXT_CONTAINERS,
+    UNET_ATTENTION_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    Target,
+    find_targets,
+)
 from ..train.events import (
     CachingProgress,
     Event,
@@ -180,18 +187,83 @@ def restore_clean_weights(sd_model: Any, load_models: Callable[[list], Any]) -> 
 
 # -------------------------------------------------------------------------------- model access
 def forge_family(sd_model: Any) -> str:
-    """``sd1`` or ``sd2``; a clear error for every other model Forge can hold."""
+    """``sd1``, ``sd2`` or ``sdxl``; a clear error for every other model Forge can hold."""
     if getattr(sd_model, "is_sdxl", False):
-        raise LoraTrainerError("SDXL LoRA training is not supported on Forge yet. Load an SD1.x or SD2.x checkpoint.")
+        _ForgeSDXL.check(sd_model)
+        return "sdxl"
     if getattr(sd_model, "is_sd1", False):
         return "sd1"
     if getattr(sd_model, "is_sd2", False):
         return "sd2"
     kind = type(sd_model).__name__
     raise LoraTrainerError(
-        f"The loaded model ({kind}) is not Stable Diffusion 1.x or 2.x; only those can be trained on Forge. "
-        "Select an SD1.5 checkpoint in Forge's checkpoint list."
+        f"The loaded model ({kind}) is not Stable Diffusion 1.x, 2.x or SDXL; only those can be trained on Forge. "
+        "Select an SD1.5 or SDXL checkpoint in Forge's checkpoint list."
     )
+
+
+class _ForgeSDXL:
+    """SDXL's conditioning as Forge computes it (``backend/diffusion_engine/sdxl.py``), with gradients
+    into text-encoder LoRAs.
+
+    Forge holds CLIP-L and OpenCLIP bigG as HF ``CLIPTextModel``s (``clip.cond_stage_model.clip_l`` /
+    ``clip_g``, each ``.transformer``; bigG with separate q/k/v and a ``text_projection`` Linear added).
+    Its text engines ``text_processing_engine_l`` / ``_g`` are not inference-mode (only
+    ``get_learned_conditioning`` is): ``crossattn`` is both engines' states concatenated, CLIP-L first;
+    the UNet's ``y`` is bigG's projected pooled output, then ``sd_model.embedder`` (a sinusoidal
+    timestep embedding) of original height, width, crop top, crop left, target height, width, in the
+    pooled output's dtype. kohya names: ``lora_te1_`` / ``lora_te2_`` + HF module paths."""
+
+    def __init__(self, sd_model: Any, cond_model: nn.Module, device: torch.device, compute_dtype: torch.dtype):
+        self.check(sd_model)
+        self.te1: nn.Module = cond_model.clip_l.transformer
+        self.te2: nn.Module = cond_model.clip_g.transformer
+        self.engine_l = sd_model.text_processing_engine_l
+        self.engine_g = sd_model.text_processing_engine_g
+        self.embedder = sd_model.embedder
+        self.device = device
+        self.dtype = compute_dtype
+
+    @staticmethod
+    def check(sd_model: Any) -> None:
+        """Refuse an SDXL-type model this adapter does not reproduce (Forge's SDXL refiner: CLIP-G only,
+        an aesthetic score in ``y``), before anything is changed."""
+        cond = getattr(getattr(getattr(sd_model, "forge_objects", None), "clip", None), "cond_stage_model", None)
+        parts = [getattr(getattr(cond, k, None), "transformer", None) for k in ("clip_l", "clip_g")]
+        engines = [getattr(sd_model, k, None) for k in ("text_processing_engine_l", "text_processing_engine_g")]
+        if (
+            any(p is None for p in parts)
+            or any(e is None for e in engines)
+            or getattr(sd_model, "embedder", None) is None
+        ):
+            raise LoraTrainerError(
+                f"The loaded SDXL-type model ({type(sd_model).__name__}) is not an SDXL base model (CLIP-L + "
+                "OpenCLIP bigG text encoders and size conditioning): an SDXL refiner cannot be trained here."
+            )
+
+    @property
+    def engines(self) -> list[Any]:
+        return [self.engine_l, self.engine_g]
+
+    def encode_text(self, captions: list[str]) -> SDXLCond:
+        cond_l = self.engine_l(list(captions))
+        out_g = self.engine_g(list(captions))
+        if not isinstance(out_g, (tuple, list)) or len(out_g) != 2:
+            raise LoraTrainerError(
+                "Forge's CLIP-G text engine gave no pooled output; this Forge version is not supported."
+            )
+        cond_g, pooled = out_g
+        hidden = torch.cat([cond_l, cond_g.to(cond_l.dtype)], dim=2)
+        return SDXLCond(hidden.to(self.device), pooled.to(self.device))
+
+    def vector(self, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's ``y``: pooled output, then the embedding of each size value (6 per image)."""
+        b = time_ids.shape[0]
+        flat = self.embedder(time_ids.reshape(-1).float()).reshape(b, -1)
+        return torch.cat([pooled, flat.to(pooled)], dim=1)
+
+    def text_encoder_targets(self) -> list[Target]:
+        return find_targets(self.te1, "lora_te1", TEXT_CONTAINERS) + find_targets(self.te2, "lora_te2", TEXT_CONTAINERS)
 
 
 def noise_schedule(predictor: Any, prediction_type: str = "auto") -> tuple[str, torch.Tensor]:
@@ -403,8 +475,8 @@ class ForgeHost:
         return Runtime(device, effective_mixed_precision(cfg.mixed_precision, device, _compute_dtype(dm)))
 
     def model_bundle(self, cfg: TrainConfig, runtime: Runtime, sd_model: Any = None) -> ModelBundle:
-        """The loaded SD1.x/SD2.x model as a bundle. Restores clean weights (host LoRAs unmerged)
-        and turns the UNet's and text encoder's inference tensors into normal ones, so call it
+        """The loaded SD1.x/SD2.x/SDXL model as a bundle. Restores clean weights (host LoRAs unmerged)
+        and turns the UNet's and text encoders' inference tensors into normal ones, so call it
         with generation locked out (``run`` holds the queue lock)."""
         from backend import memory_management as mm
 
@@ -424,23 +496,28 @@ class ForgeHost:
                 "(fp16/bf16 weights) to train a LoRA."
             )
         cond_model: nn.Module = clip.cond_stage_model
-        te_key = _TEXT_ENCODER_KEYS[family]
-        te_wrapper = getattr(cond_model, te_key, None)
-        te: nn.Module | None = getattr(te_wrapper, "transformer", None)
-        if te is None:
-            raise LoraTrainerError(
-                f"Forge's text encoder has no {te_key}.transformer; this Forge version is not supported."
-            )
-        engine = sd_model.text_processing_engine
-
         device = runtime.device
-        te_device = _device_of(clip.patcher, te)
-        if cfg.train_text_encoder and not _same_device(te_device, device):
-            raise LoraTrainerError(
-                f"Forge keeps the text encoder on {te_device} and the UNet on {device} (low-VRAM mode). "
-                "Turn off train_text_encoder, or give Forge more GPU weight memory."
-            )
         compute_dtype = _compute_dtype(dm)
+        xl: _ForgeSDXL | None = None
+        if family == "sdxl":
+            xl = _ForgeSDXL(sd_model, cond_model, device, compute_dtype)
+            text_encoders, engines = [xl.te1, xl.te2], xl.engines
+        else:
+            te_key = _TEXT_ENCODER_KEYS[family]
+            te: nn.Module | None = getattr(getattr(cond_model, te_key, None), "transformer", None)
+            if te is None:
+                raise LoraTrainerError(
+                    f"Forge's text encoder has no {te_key}.transformer; this Forge version is not supported."
+                )
+            text_encoders, engines = [te], [sd_model.text_processing_engine]
+
+        for text_encoder in text_encoders:
+            te_device = _device_of(clip.patcher, text_encoder)
+            if cfg.train_text_encoder and not _same_device(te_device, device):
+                raise LoraTrainerError(
+                    f"Forge keeps the text encoder on {te_device} and the UNet on {device} (low-VRAM mode). "
+                    "Turn off train_text_encoder, or give Forge more GPU weight memory."
+                )
         prediction_type, alphas_cumprod = noise_schedule(kmodel.predictor, cfg.prediction_type)
 
         detach_inference_tensors(kmodel)
@@ -467,10 +544,11 @@ class ForgeHost:
         # from here on nothing raises: release() undoes these
         undo_guard = guard_inplace_residuals(dm)
         undo_ckpt: list[Callable[[], None]] = []
-        old_clip_skip = getattr(engine, "clip_skip", None)
-        if old_clip_skip is not None:
-            engine.clip_skip = max(int(cfg.clip_skip), int(getattr(engine, "minimal_clip_skip", 1)))
-        self._session = _Session(placement, [] if old_clip_skip is None else [(engine, engine.clip_skip)])
+        # Forge's engines use layer -max(clip_skip, minimal_clip_skip) (SDXL: at least the penultimate)
+        old_clip_skips = [(e, e.clip_skip) for e in engines if getattr(e, "clip_skip", None) is not None]
+        for e, _ in old_clip_skips:
+            e.clip_skip = max(int(cfg.clip_skip), int(getattr(e, "minimal_clip_skip", 1)))
+        self._session = _Session(placement, [(e, e.clip_skip) for e, _ in old_clip_skips])
 
         def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
             def regulation(posterior: Any) -> torch.Tensor:
@@ -490,30 +568,56 @@ class ForgeHost:
                 lat = fsm.process_in(z) if hasattr(fsm, "process_in") else z
             return lat.to(torch.float32).clone()  # outside inference mode: a normal tensor
 
-        def encode_text(captions: list[str]) -> torch.Tensor:
+        def encode_text(captions: list[str]) -> Any:
             placement.ensure()
-            cond = engine(list(captions))
+            if xl is not None:
+                return xl.encode_text(captions)
+            cond = engines[0](list(captions))
             if isinstance(cond, (tuple, list)):
                 cond = cond[0]
             return cond
 
-        def predict(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        def condition(cond: Any, sizes: list[tuple[int, ...]] | None) -> Any:
+            if xl is None or sizes is None:
+                return cond
+            tids = time_ids_from_sizes(sizes)
+            if tids.shape[0] != cond.hidden.shape[0]:
+                raise ValueError(f"{tids.shape[0]} sizes for a batch of {cond.hidden.shape[0]}")
+            return SDXLCond(cond.hidden, cond.pooled, tids)
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
             placement.ensure()
             x = x_t.to(device, compute_dtype)
-            context = cond.to(device, compute_dtype)
-            if pass_options:
-                out = dm(x, t.to(device), context=context, transformer_options={})
+            extra: dict[str, Any] = {}
+            if xl is not None:
+                tids = cond.time_ids
+                if tids is None:  # the square, uncropped size of the latents
+                    h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
+                    tids = time_ids_from_sizes([(h, w, 0, 0, h, w)] * x_t.shape[0])
+                if tids.shape[0] != x_t.shape[0]:
+                    raise ValueError(f"{tids.shape[0]} sizes for a batch of {x_t.shape[0]}")
+                # as Forge's KModel.apply_model: context and y in the UNet's computation dtype
+                extra["y"] = xl.vector(cond.pooled.to(device), tids.to(device)).to(compute_dtype)
+                context = cond.hidden.to(device, compute_dtype)
             else:
-                out = dm(x, t.to(device), context=context)
-            return out.float()
+                context = cond.to(device, compute_dtype)
+            if pass_options:
+                extra["transformer_options"] = {}
+            return dm(x, t.to(device), context=context, **extra).float()
 
         def unet_targets(include_conv: bool) -> list[Target]:
+            if xl is not None:
+                # kohya's SDXL keys are the SGM module paths themselves: no name map
+                conv = UNET_CONV_CONTAINERS if include_conv else frozenset()
+                return find_targets(dm, "lora_unet", UNET_ATTENTION_CONTAINERS, conv)
             from ..model.ldm import ldm_unet_lora_targets
 
             return ldm_unet_lora_targets(dm, include_conv)
 
         def text_encoder_targets() -> list[Target]:
-            return find_targets(te, "lora_te", TEXT_CONTAINERS)
+            if xl is not None:
+                return xl.text_encoder_targets()
+            return find_targets(text_encoders[0], "lora_te", TEXT_CONTAINERS)
 
         def enable_gradient_checkpointing(on: bool) -> None:
             while undo_ckpt:
@@ -525,9 +629,13 @@ class ForgeHost:
             self._session = None
             enable_gradient_checkpointing(False)
             undo_guard()
-            if old_clip_skip is not None:
-                engine.clip_skip = old_clip_skip
+            for e, skip in old_clip_skips:
+                e.clip_skip = skip
 
+        if xl is not None:
+            default_resolution = 1024
+        else:
+            default_resolution = 768 if family == "sd2" and prediction_type == "v_prediction" else 512
         return ModelBundle(
             family=family,
             prediction_type=prediction_type,
@@ -539,14 +647,16 @@ class ForgeHost:
             text_encoder_targets=text_encoder_targets,
             device=device,
             dtype=compute_dtype,
-            trainable_roots=[dm, te],
+            trainable_roots=[dm, *text_encoders],
             model_name=model_name,
             model_hash=getattr(info, "sha256", None),
             vae_name=model_name + ":vae",
             vae_id=vae_id,
-            default_resolution=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
+            default_resolution=default_resolution,
             enable_gradient_checkpointing=enable_gradient_checkpointing,
             release=release,
+            condition=condition,
+            concat_conditions=SDXLCond.cat if xl is not None else torch.cat,
         )
 
     # -- a run ----------------------------------------------------------------------------
