@@ -142,13 +142,24 @@ class FakeCLIPWrapper(nn.Module):
         return out.last_hidden_state
 
 
+class FakeDiffusionWrapper(nn.Module):
+    """ldm's ``DiffusionWrapper`` (``sd_model.model``, conditioning key crossattn): what ``apply_model``
+    calls, and where --medvram's hook on the UNet sits."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x, t, c_crossattn=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+
 class FakeSDModel(nn.Module):
     """The parts of ``LatentDiffusion`` (as A1111 loads SD1.5) the adapter touches."""
 
     def __init__(self, unet: nn.Module, cond: nn.Module, vae: nn.Module):
         super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = unet
+        self.model = FakeDiffusionWrapper(unet)
         self.cond_stage_model = cond
         self.first_stage_model = vae
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
@@ -345,12 +356,18 @@ PROBE_X = torch.randn(1, 4, 8, 8, generator=PROBE_GEN)
 PROBE_T = torch.tensor([321])
 
 
+def _text_encoder(sd: FakeSDModel) -> nn.Module:
+    """SD1: the HF CLIPTextModel; SD2: the open_clip model."""
+    wrapped = sd.cond_stage_model.wrapped
+    return wrapped.transformer if hasattr(wrapped, "transformer") else wrapped.model
+
+
 def _snapshot(sd: FakeSDModel) -> dict:
     unet, clip = sd.model.diffusion_model, sd.cond_stage_model
     with torch.no_grad():
         cond = clip(["ohwx ring, blue background"])
         out = unet(PROBE_X, PROBE_T, context=cond)
-    roots = {"unet": unet, "te": clip.wrapped.transformer}
+    roots = {"unet": unet, "te": _text_encoder(sd)}
     return {
         "weights": {f"{r}.{k}": v.detach().clone() for r, m in roots.items() for k, v in m.state_dict().items()},
         "grad": {f"{r}.{k}": p.requires_grad for r, m in roots.items() for k, p in m.named_parameters()},
@@ -726,11 +743,21 @@ class FakeConditioner(nn.Module):
         return out
 
 
+class FakeOpenAIWrapper(nn.Module):
+    """sgm's ``OpenAIWrapper`` (``sd_model.model``): ``apply_model``'s entry, with --medvram's hook."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x, t, c: dict):
+        return self.diffusion_model(x, timesteps=t, context=c["crossattn"], y=c["vector"])
+
+
 class FakeSDXLModel(nn.Module):
     def __init__(self, unet: nn.Module, conditioner: FakeConditioner, vae: nn.Module):
         super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = unet
+        self.model = FakeOpenAIWrapper(unet)
         self.conditioner = conditioner
         self.cond_stage_model = conditioner  # what A1111's sd_hijack sets for SDXL
         self.first_stage_model = vae
@@ -1112,3 +1139,637 @@ def test_sdxl_refiner_and_half_vae_are_refused_clearly(sdxl_env, cfg):
         vae.quant_conv.bias.fill_(float("inf"))
     with pytest.raises(LoraTrainerError, match="no-half-vae"):
         _encode_sgm_vae(vae, torch.zeros(1, 3, 64, 64), None, 0.13025)
+
+
+# =========================================================================== SD2
+#
+# A1111 1.10 holds SD2 as ldm's LatentDiffusion with ``cond_stage_model`` = its
+# FrozenOpenCLIPEmbedderWithCustomWords, whose ``wrapped`` is ldm's FrozenOpenCLIPEmbedder: ``model`` an
+# open_clip model (nn.MultiheadAttention with a fused in_proj), layer "penultimate" (``layer_idx`` 1: the
+# last block never runs), ``encode_with_transformer`` = the blocks it runs, then ``ln_final``. The stand-in
+# carries the weights of tests.test_sd2's tiny SD2 (its HF CLIPTextModel keeps the blocks the host runs, as
+# diffusers keeps 23 of OpenCLIP-H's 24), so the standalone diffusers bundle on the same weights is the
+# reference.
+
+
+class FakeFrozenOpenCLIPEmbedder(nn.Module):
+    """ldm's ``FrozenOpenCLIPEmbedder`` (layer "penultimate")."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.layer, self.layer_idx = "penultimate", 1
+
+    def encode_with_transformer(self, text: torch.Tensor) -> torch.Tensor:
+        x = self.model.token_embedding(text) + self.model.positional_embedding
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        blocks = self.model.transformer.resblocks
+        for i, r in enumerate(blocks):
+            if i == len(blocks) - self.layer_idx:
+                break
+            x = r(x, attn_mask=self.model.attn_mask)
+        return self.model.ln_final(x.permute(1, 0, 2))
+
+
+class FakeOpenCLIPWrapper(nn.Module):
+    """Like ``FrozenOpenCLIPEmbedderWithCustomWords``: tokens, then ``wrapped.encode_with_transformer``, no
+    ``no_grad``; Clip skip is not read (A1111 ignores it for OpenCLIP)."""
+
+    def __init__(self, wrapped: nn.Module, tokenizer):
+        super().__init__()
+        self.wrapped = wrapped
+        self.tokenizer = tokenizer
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return self.wrapped.encode_with_transformer(ids)
+
+
+def openclip_sd2_twin(hf_te: nn.Module) -> nn.Module:
+    """An open_clip text model with the HF CLIPTextModel's blocks (q/k/v fused) and one block more after
+    them, which the penultimate layer never runs."""
+    from lora_trainer.model.sdxl import openclip_from_hf_state_dict
+    from tests.test_fused_qkv import OpenCLIPText
+
+    c = hf_te.config
+    m = OpenCLIPText(c.vocab_size, c.hidden_size, c.num_hidden_layers + 1, c.num_attention_heads, c.intermediate_size, c.hidden_size)
+    sd = {**hf_te.state_dict(), "text_projection.weight": torch.eye(c.hidden_size)}  # OpenCLIP-H files carry one
+    missing, unexpected = m.load_state_dict(openclip_from_hf_state_dict(sd, prefix=""), strict=False)
+    last = f"transformer.resblocks.{c.num_hidden_layers}."
+    assert not unexpected and all(k == "logit_scale" or k.startswith(last) for k in missing), missing
+    return m.eval()
+
+
+def ldm_unet_of(parts, use_checkpoint: bool = True) -> nn.Module:
+    """ldm's UNetModel with a diffusers SD1/SD2 UNet's weights (GroupNorms set to its groups)."""
+    from lora_trainer.model.ldm_names import convert_unet_state_dict, unet_diffusers_to_ldm_names
+    from tests.test_ldm_names import _ldm_unet_kwargs
+
+    openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    config = dict(parts.unet.config)
+    with contextlib.redirect_stdout(io.StringIO()):
+        unet = openaimodel.UNetModel(**_ldm_unet_kwargs(config), use_checkpoint=use_checkpoint)
+    for m in unet.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.num_groups = config["norm_num_groups"]
+    unet.load_state_dict(convert_unet_state_dict(parts.unet.state_dict(), unet_diffusers_to_ldm_names(config)), strict=True)
+    return unet.eval()
+
+
+class FakeSD2Model(FakeSDModel):
+    def __init__(self, unet: nn.Module, cond: nn.Module, vae: nn.Module):
+        super().__init__(unet, cond, vae)
+        self.parameterization = "v"
+        self.is_sd1, self.is_sd2, self.is_sdxl = False, True, False
+        self.sd_checkpoint_info = SimpleNamespace(
+            title="tiny-sd2.safetensors [5d2a5d2a5d]", filename="/models/tiny-sd2.safetensors", sha256="ef" * 32
+        )
+
+
+def build_fake_sd2_model(parts) -> FakeSD2Model:
+    oc = openclip_sd2_twin(parts.text_encoder)
+    with torch.no_grad():  # the block the host never runs: anything but the HF model's
+        for p in oc.transformer.resblocks[-1].parameters():
+            p.add_(0.5)
+    cond = FakeOpenCLIPWrapper(FakeFrozenOpenCLIPEmbedder(oc), parts.tokenizer)
+    sd = FakeSD2Model(ldm_unet_of(parts), cond, copy.deepcopy(parts.vae)).eval()
+    sd.model.diffusion_model.requires_grad_(True)
+    sd.cond_stage_model.requires_grad_(False)
+    sd.first_stage_model.requires_grad_(False)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def _tiny_sd2_parts(tmp_path_factory):
+    from tests.test_sd2 import build_tiny_sd2
+
+    parts = build_tiny_sd2(0, tmp_path_factory.mktemp("tok2"))
+    _perturb(parts.unet, 20)
+    _perturb(parts.text_encoder, 21)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def _master_sd2(_tiny_sd2_parts):
+    return build_fake_sd2_model(_tiny_sd2_parts)
+
+
+@pytest.fixture
+def sd2_env(monkeypatch, tmp_path, _master_sd2):
+    sd = copy.deepcopy(_master_sd2)
+    env = install_fake_webui(monkeypatch, tmp_path)
+    env.shared.sd_model = sd
+    for root in (sd.model.diffusion_model, sd.cond_stage_model):
+        for m in root.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
+                m.register_forward_pre_hook(_patched_forward_emulation)
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", _patched_mha_forward(nn.MultiheadAttention.forward))
+    env.sd = sd
+    env.lora_dir = Path(env.shared.cmd_opts.lora_dir)
+    return env
+
+
+SD2_PROMPT = "ohwx, ring"
+_host_bundle = _xl_bundle  # A1111Host().model_bundle on whatever the fake host has loaded
+
+
+def _sd2_standalone(parts):
+    from lora_trainer.model.sd import make_sd_bundle
+
+    return make_sd_bundle(copy.deepcopy(parts))
+
+
+def _sd_predict(bundle, prompt: str = SD2_PROMPT):
+    with torch.no_grad():
+        cond = bundle.encode_text([prompt])
+        return cond, bundle.predict(PROBE_X, PROBE_T, cond)
+
+
+def test_sd2_bundle_names_and_outputs_are_the_standalone_ones(sd2_env, _tiny_sd2_parts):
+    """On A1111's SD2 (OpenCLIP, fused q/k/v, penultimate layer): v-prediction, the same conditioning and
+    UNet output as the standalone SD2 bundle on the same weights; the same kohya names (diffusers UNet
+    names, ``lora_te_`` for the blocks the host runs, separate q/k/v); one LoRA state dict gives the same
+    outputs on both, and removing it gives the host back bit for bit."""
+    from lora_trainer.network import LoRANetwork
+
+    env = sd2_env
+    bundle = _host_bundle(env)
+    try:
+        assert bundle.family == "sd2" and bundle.prediction_type == "v_prediction"
+        assert bundle.base_model_version == "sd_v2_v" and bundle.default_resolution == 768
+        ref = _sd2_standalone(_tiny_sd2_parts)
+        base_cond, base_out = _sd_predict(bundle)
+        ref_cond, ref_out = _sd_predict(ref)
+        torch.testing.assert_close(base_cond, ref_cond, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(base_out, ref_out, atol=1e-4, rtol=1e-3)
+
+        for locon in (False, True):
+            ours_t = bundle.unet_targets(locon) + bundle.text_encoder_targets()
+            ref_t = ref.unet_targets(locon) + ref.text_encoder_targets()
+            assert [t.lora_name for t in ours_t[-len(ref.text_encoder_targets()):]] == [t.lora_name for t in ref.text_encoder_targets()]
+            assert sorted(t.lora_name for t in ours_t) == sorted(t.lora_name for t in ref_t)
+        te_names = [t.lora_name for t in bundle.text_encoder_targets()]
+        layers = _tiny_sd2_parts.text_encoder.config.num_hidden_layers
+        assert len(te_names) == 6 * layers  # the host's open_clip model has one block more: never run, no LoRA
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_names
+        assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in te_names
+        assert not any(f"_layers_{layers}_" in n for n in te_names)
+
+        torch.manual_seed(0)
+        ref_net = LoRANetwork.create(ref_t, 4, 2.0, 3, 1.5)
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for m in ref_net.loras:
+                m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.2)
+        ours_net = LoRANetwork.create(ours_t, 4, 2.0, 3, 1.5)
+        ours_net.load_kohya_state_dict(ref_net.kohya_state_dict())  # strict
+        ref_net.attach()
+        ours_net.attach()
+        try:
+            ours_cond, ours_out = _sd_predict(bundle)
+            lora_ref_cond, lora_ref_out = _sd_predict(ref)
+        finally:
+            ours_net.detach()
+            ref_net.detach()
+        assert not torch.allclose(ours_cond, base_cond, atol=1e-3) and not torch.allclose(ours_out, base_out, atol=1e-3)
+        torch.testing.assert_close(ours_cond, lora_ref_cond, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_out, lora_ref_out, atol=1e-4, rtol=1e-3)
+        after_cond, after_out = _sd_predict(bundle)
+        assert torch.equal(after_cond, base_cond) and torch.equal(after_out, base_out)
+    finally:
+        bundle.release()
+
+
+def test_sd2_run_trains_the_text_encoder_loads_in_diffusers_and_leaves_the_host_as_it_was(sd2_env, cfg, _tiny_sd2_parts):
+    """``A1111Host().run`` on the SD2 stand-in with a host LoRA merged: the host LoRA is taken out first (the
+    fused in_proj included), every adapter learns, the te q/k/v LoRA runs through the fused attention, the
+    file has the standalone trainer's names and SD2 metadata (clip_skip 1: A1111 ignores Clip skip for
+    SD2), diffusers' load_lora_weights takes every key and computes what the file computes on the host,
+    and the host is bit for bit as before."""
+    pytest.importorskip("peft")
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.network.load import network_from_file
+    from lora_trainer.train.events import EventBus, Message, StepEvent, StopControl
+    from tests.test_sd2 import _outputs
+
+    env = sd2_env
+    sd = env.sd
+    clean = _snapshot(sd)
+    env.networks.loaded_networks.append(FakeNetwork("host"))
+    merged = _snapshot(sd)
+    assert not torch.equal(merged["cond"], clean["cond"])
+    attn = sd.cond_stage_model.wrapped.model.transformer.resblocks[0].attn
+    seen: dict = {"fused": set(), "clean": []}
+    messages = []
+
+    def listener(ev):
+        if isinstance(ev, StepEvent):
+            seen["fused"].add(sum("forward" in m.__dict__ for m in sd.cond_stage_model.modules()))
+            if ev.step == 1:
+                seen["clean"].append(torch.equal(attn.in_proj_weight, clean["weights"]["te.transformer.resblocks.0.attn.in_proj_weight"]))
+        elif isinstance(ev, Message):
+            messages.append(ev.text)
+
+    run_cfg = TrainConfig(**{**cfg.to_dict(), "clip_skip": 2, "save_precision": "float"})
+    A1111Host().run(run_cfg, EventBus(listener), StopControl())
+    assert seen["clean"] == [True], "training ran on the clean fused weights"
+    layers = _tiny_sd2_parts.text_encoder.config.num_hidden_layers
+    assert seen["fused"] == {layers}, "one instance forward per OpenCLIP attention the host runs, during the run"
+    assert any("SD2: clip_skip is not used" in m for m in messages)
+    assert not any("cannot take" in m for m in messages)
+    assert env.shared.opts.CLIP_stop_at_last_layers == 1
+    tensors, meta = _file(env.lora_dir / "t.safetensors")
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and meta["ss_clip_skip"] == "1"
+    ref = _sd2_standalone(_tiny_sd2_parts)
+    expected = {t.lora_name for t in ref.unet_targets(False) + ref.text_encoder_targets()}
+    assert {k.split(".")[0] for k in tensors} == expected and len(tensors) == 3 * len(expected)
+    dead = sorted(k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0)
+    assert not dead, f"no gradient reached {dead[:4]}"
+    assert tensors["lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight"].shape == (48, 4)
+    # the host: clean, as before (no hook, no instance forward, eval, flags); the host LoRA merges again on request
+    _assert_host_unchanged(clean, _snapshot(sd))
+    env.networks.loaded_networks.append(FakeNetwork("host"))
+    again = _snapshot(sd)
+    assert torch.equal(again["cond"], merged["cond"]) and torch.equal(again["out"], merged["out"])
+    env.networks.loaded_networks.clear()
+    _snapshot(sd)  # the patched forwards put the clean weights back
+
+    # the file on the host (our hooks, the fused path) and in diffusers (peft layers on separate q/k/v)
+    bundle = _host_bundle(env)
+    try:
+        net, unmatched = network_from_file(env.lora_dir / "t.safetensors", bundle.unet_targets(False) + bundle.text_encoder_targets())
+        assert not unmatched
+        net.attach()
+        try:
+            host_cond, host_out = _sd_predict(bundle)
+        finally:
+            net.detach()
+    finally:
+        bundle.release()
+    reference = copy.deepcopy(_tiny_sd2_parts)
+    pipe = StableDiffusionPipeline(
+        vae=reference.vae,
+        text_encoder=reference.text_encoder,
+        tokenizer=reference.tokenizer,
+        unet=reference.unet,
+        scheduler=DDPMScheduler.from_config(reference.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(env.lora_dir), weight_name="t.safetensors", adapter_name="ours")
+    counts = [sum(isinstance(m, LoraLayer) for m in getattr(reference, n).modules()) for n in ("unet", "text_encoder")]
+    assert counts == [sum(n.startswith(p) for n in expected) for p in ("lora_unet_", "lora_te_")]
+    ids = reference.tokenizer([SD2_PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    theirs_cond, theirs_out = _outputs(reference, ids, PROBE_X, PROBE_T)
+    torch.testing.assert_close(theirs_cond, host_cond, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs_out, host_out, atol=1e-4, rtol=1e-3)
+
+
+# =========================================================================== --medvram / --lowvram
+#
+# A1111's modules.lowvram (1.10), emulated: ``setup_for_low_vram`` keeps the VAE, the UNet wrapper
+# (``sd_model.model``; with --lowvram each UNet block instead) and the text encoder on "the CPU" and moves
+# one part at a time to "the GPU" from forward pre-hooks (``send_me_to_gpu``, with the same parents and
+# ``module_in_gpu`` bookkeeping), the VAE's also from wrapped encode/decode; ``send_everything_to_cpu``
+# sends back the part that is in. This machine has one device, so "on the CPU" is emulated: a part that is
+# out has the data of its parameters and buffers swapped for NaN (ints: -1) of the same shape and dtype, the
+# real data kept aside (same tensor objects: LoRA layers and grad flags see what they would see). Computing
+# with a part that is out gives NaN, so a run that calls a part the host did not move in fails loudly.
+
+
+class FakeLowVram:
+    def __init__(self):
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, its real data)
+        self.moves: list[tuple[str, str]] = []
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for t in [*module.parameters(), *module.buffers()]:
+            seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def to_cpu(self, module: nn.Module) -> None:
+        self.moves.append(("cpu", type(module).__name__))
+        for t in self._tensors(module):
+            if id(t) not in self.kept:
+                real = t.data
+                fill = float("nan") if real.is_floating_point() else -1
+                self.kept[id(t)] = (t, real)
+                t.data = torch.full((1,) * max(real.dim(), 1), fill, dtype=real.dtype).expand(real.shape) if real.dim() else torch.tensor(fill, dtype=real.dtype)
+
+    def to_gpu(self, module: nn.Module) -> None:
+        self.moves.append(("gpu", type(module).__name__))
+        for t in self._tensors(module):
+            entry = self.kept.pop(id(t), None)
+            if entry is not None:
+                t.data = entry[1]
+
+    def is_out(self, module: nn.Module) -> bool:
+        return any(id(t) in self.kept for t in self._tensors(module))
+
+    def real(self, t: torch.Tensor) -> torch.Tensor:
+        entry = self.kept.get(id(t))
+        return entry[1] if entry is not None else t.data
+
+
+def install_fake_lowvram(monkeypatch, env, *, lowvram_flag: bool = False, medvram_sdxl: bool = False) -> SimpleNamespace:
+    """``modules.lowvram`` and ``modules.devices`` as A1111 has them, the command-line flag set, and the
+    loaded model set up by ``setup_for_low_vram`` (as ``sd_models.load_model`` does)."""
+    fake = FakeLowVram()
+    lowvram = types.ModuleType("modules.lowvram")
+    lowvram.module_in_gpu = None
+    lowvram.cpu = torch.device("cpu")
+    devices = types.ModuleType("modules.devices")
+    devices.device = torch.device("cpu")
+
+    def send_everything_to_cpu():
+        if lowvram.module_in_gpu is not None:
+            fake.to_cpu(lowvram.module_in_gpu)
+        lowvram.module_in_gpu = None
+
+    def is_enabled(sd_model):
+        return sd_model.lowvram
+
+    def setup_for_low_vram(sd_model, use_medvram):
+        sd_model.lowvram = True
+        parents = {}
+
+        def send_me_to_gpu(module, _):
+            module = parents.get(module, module)
+            if lowvram.module_in_gpu == module:
+                return
+            if lowvram.module_in_gpu is not None:
+                fake.to_cpu(lowvram.module_in_gpu)
+            fake.to_gpu(module)
+            lowvram.module_in_gpu = module
+
+        vae = sd_model.first_stage_model
+        encode, decode = vae.encode, vae.decode
+
+        def first_stage_model_encode_wrap(x):
+            send_me_to_gpu(vae, None)
+            return encode(x)
+
+        def first_stage_model_decode_wrap(z):
+            send_me_to_gpu(vae, None)
+            return decode(z)
+
+        fake.to_cpu(vae)
+        if getattr(sd_model, "is_sdxl", False):
+            fake.to_cpu(sd_model.conditioner)
+            sd_model.conditioner.register_forward_pre_hook(send_me_to_gpu)
+        elif hasattr(sd_model.cond_stage_model.wrapped, "model"):  # SD2
+            wrapped = sd_model.cond_stage_model.wrapped
+            fake.to_cpu(wrapped.model)
+            for m in (wrapped.model, wrapped.model.token_embedding):
+                m.register_forward_pre_hook(send_me_to_gpu)
+                parents[m] = wrapped
+        else:
+            wrapped = sd_model.cond_stage_model.wrapped
+            fake.to_cpu(wrapped.transformer)
+            wrapped.transformer.register_forward_pre_hook(send_me_to_gpu)
+            parents[wrapped.transformer] = wrapped
+        vae.register_forward_pre_hook(send_me_to_gpu)
+        vae.encode = first_stage_model_encode_wrap
+        vae.decode = first_stage_model_decode_wrap
+        if use_medvram:
+            fake.to_cpu(sd_model.model)
+            sd_model.model.register_forward_pre_hook(send_me_to_gpu)
+        else:
+            unet = sd_model.model.diffusion_model
+            for block in [unet.time_embed, *unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+                fake.to_cpu(block)
+                block.register_forward_pre_hook(send_me_to_gpu)
+
+    lowvram.send_everything_to_cpu = send_everything_to_cpu
+    lowvram.is_enabled = is_enabled
+    lowvram.setup_for_low_vram = setup_for_low_vram
+    lowvram.fake = fake
+    for name, mod in (("modules.lowvram", lowvram), ("modules.devices", devices)):
+        monkeypatch.setitem(sys.modules, name, mod)
+        monkeypatch.setattr(sys.modules["modules"], name.split(".", 1)[1], mod, raising=False)
+    cmd = env.shared.cmd_opts
+    cmd.lowvram, cmd.medvram, cmd.medvram_sdxl = lowvram_flag, not lowvram_flag and not medvram_sdxl, medvram_sdxl
+    setup_for_low_vram(env.sd, not lowvram_flag)
+    return SimpleNamespace(lowvram=lowvram, fake=fake)
+
+
+def _host_generation(sd, prompt: str = "ohwx ring, blue background") -> torch.Tensor:
+    """One generation as A1111 runs it under --medvram: the conditioning through the text encoder's wrapper,
+    ``apply_model`` through ``sd_model.model``, the VAE's wrapped decode; at the end everything goes back to
+    the CPU (processing.process_images). Every hook moves its part in as it is called."""
+    with torch.no_grad():
+        if getattr(sd, "is_sdxl", False):
+            s = torch.tensor(XL_SIZES, dtype=torch.float32)
+            c = sd.conditioner(
+                {"txt": [prompt], "original_size_as_tuple": s[:, 0:2], "crop_coords_top_left": s[:, 2:4], "target_size_as_tuple": s[:, 4:6]}
+            )
+            out = sd.model(PROBE_X, PROBE_T, c)
+            cond = torch.cat([c["crossattn"].flatten(), c["vector"].flatten()])
+        else:
+            cond = sd.cond_stage_model([prompt])
+            out = sd.model(PROBE_X, PROBE_T, c_crossattn=[cond])
+        image = sd.first_stage_model.decode(out / sd.scale_factor).sample
+    sys.modules["modules.lowvram"].send_everything_to_cpu()
+    return torch.cat([cond.flatten(), out.flatten(), image.flatten()])
+
+
+def _placement(sd, lv) -> dict:
+    """Where each part is, what the host thinks is in, every hook (the objects, in order), the VAE's wraps,
+    the real weights (kept aside or not) and grad flags."""
+    fake = lv.lowvram.fake
+    parts = {"vae": sd.first_stage_model, "unet": sd.model, "text": sd.conditioner if getattr(sd, "is_sdxl", False) else sd.cond_stage_model}
+    return {
+        "out": {k: fake.is_out(m) for k, m in parts.items()},
+        "module_in_gpu": lv.lowvram.module_in_gpu,
+        "pre_hooks": [list(m._forward_pre_hooks.values()) for m in sd.modules()],
+        "hooks": [len(m._forward_hooks) for m in sd.modules()],
+        "instance_forwards": sum("forward" in m.__dict__ for m in sd.modules()),
+        "vae_wraps": (sd.first_stage_model.__dict__.get("encode"), sd.first_stage_model.__dict__.get("decode")),
+        "weights": {n: fake.real(t).clone() for n, t in [*sd.named_parameters(), *sd.named_buffers()]},
+        "grad": {n: p.requires_grad for n, p in sd.named_parameters()},
+        "training": [m.training for m in sd.modules()],
+    }
+
+
+def _assert_placement_as_before(before: dict, after: dict) -> None:
+    assert after["out"] == before["out"], f"parts in/out: {before['out']} -> {after['out']}"
+    assert after["module_in_gpu"] is before["module_in_gpu"], "the host's module_in_gpu"
+    assert after["pre_hooks"] == before["pre_hooks"], "the host's hooks, in order"
+    assert after["hooks"] == before["hooks"] and after["instance_forwards"] == before["instance_forwards"] == 0
+    assert after["vae_wraps"] == before["vae_wraps"]
+    changed = [k for k in before["weights"] if not torch.equal(before["weights"][k], after["weights"][k])]
+    assert not changed, f"weights changed: {changed[:5]}"
+    assert after["grad"] == before["grad"] and after["training"] == before["training"]
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def medvram_env(request, monkeypatch):
+    env = request.getfixturevalue("host_env" if request.param == "sd1" else "sd2_env")
+    env.lv = install_fake_lowvram(monkeypatch, env)
+    return env
+
+
+def test_the_emulated_medvram_bites(medvram_env):
+    """The emulation is faithful where it matters: the UNet called directly (as the bundle calls it) while
+    the host has it on the CPU computes nothing usable; through ``sd_model.model`` the host moves it in."""
+    env = medvram_env
+    sd = env.sd
+    cond = sd.cond_stage_model(["ohwx ring"])  # the text encoder's hook moves it in
+    assert torch.isfinite(cond).all()
+    with torch.no_grad():
+        assert torch.isnan(sd.model.diffusion_model(PROBE_X, PROBE_T, context=cond)).all()
+        assert torch.isfinite(sd.model(PROBE_X, PROBE_T, c_crossattn=[cond])).all()
+    assert env.lv.lowvram.module_in_gpu is sd.model
+    assert env.lv.fake.is_out(sd.cond_stage_model.wrapped), "the UNet's hook sent the text encoder back"
+
+
+def test_without_the_medvram_handling_the_run_fails(medvram_env, cfg, monkeypatch):
+    """The control: with the adapter's --medvram handling switched off, the run fails on the emulated host."""
+    from lora_trainer.hosts import a1111
+    from lora_trainer.train.events import EventBus, StopControl
+
+    monkeypatch.setattr(a1111._Offloading, "for_model", classmethod(lambda cls, sd_model, roots: None))
+    with pytest.raises(LoraTrainerError, match="The loss became nan"):
+        a1111.A1111Host().run(TrainConfig(**{**cfg.to_dict(), "max_train_epochs": 1}), EventBus(), StopControl())
+
+
+@pytest.mark.parametrize("variant", ["cached", "uncached_checkpointed", "text_cache_grid"])
+def test_medvram_run_trains_and_gives_the_host_its_placement_back(medvram_env, cfg, monkeypatch, variant):
+    """--medvram: the UNet is moved in by its own hook and stays in for the run (its hook off), the text
+    encoder and the VAE are moved by the host's hooks as in a generation (the text encoder is in from its
+    forward to the backward); every adapter learns; afterwards the hooks are back in order, the parts are
+    where they were (here: the text encoder in, as after the host computed an empty prompt), the host's
+    ``module_in_gpu`` is the same, and a generation gives the same numbers. A grid column in the middle of
+    the run sees the host's own placement."""
+    from PIL import Image
+
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, Message, StepEvent, StopControl
+
+    env = medvram_env
+    sd = env.sd
+    lv, fake = env.lv.lowvram, env.lv.fake
+    generated = _host_generation(sd)
+    assert torch.isfinite(generated).all()
+    sd.cond_stage_model([""])  # as A1111 after loading a model: the text encoder is in
+    before = _placement(sd, env.lv)
+    assert before["out"] == {"vae": True, "unet": True, "text": False}
+    seen: dict[str, list] = {"unet_in": [], "unet_hook": [], "in_gpu": []}
+    columns: list[dict] = []
+    messages: list[str] = []
+
+    def listener(ev):
+        if isinstance(ev, StepEvent):
+            seen["unet_in"].append(not fake.is_out(sd.model))
+            seen["unet_hook"].append(len(sd.model._forward_pre_hooks))
+            seen["in_gpu"].append(type(lv.module_in_gpu).__name__)
+        elif isinstance(ev, Message):
+            messages.append(ev.text)
+
+    overrides = {
+        "cached": {},
+        "uncached_checkpointed": {"cache_latents": False, "gradient_checkpointing": True},
+        "text_cache_grid": {"train_text_encoder": False, "cache_text_encoder_outputs": True, "grid_each_epoch": True,
+                            "grid_weights": "0, 1", "grid_prompt": "ohwx"},
+    }[variant]
+    if variant == "text_cache_grid":
+        processing = types.ModuleType("modules.processing")
+
+        class P:
+            def __init__(self, **kw):
+                self.kw = kw
+
+            def close(self):
+                pass
+
+        def process_images(p):
+            # the host's placement while it generates: its hooks on, the UNet on the CPU until called
+            columns.append({"unet_out": fake.is_out(sd.model), "unet_hook": len(sd.model._forward_pre_hooks)})
+            assert torch.isfinite(_host_generation(sd, p.kw["prompt"].split(",")[0])).all()
+            return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (90, 0, 0))])
+
+        processing.StableDiffusionProcessingTxt2Img = P
+        processing.process_images = process_images
+        monkeypatch.setitem(sys.modules, "modules.processing", processing)
+        monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
+    run_cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
+    A1111Host().run(run_cfg, EventBus(listener), StopControl())
+
+    assert any("--medvram" in m for m in messages)
+    assert seen["unet_in"] and all(seen["unet_in"]) and set(seen["unet_hook"]) == {0}
+    if variant == "text_cache_grid":
+        # the text encoder's outputs are cached: after the first step it is not kept on the GPU
+        assert set(seen["in_gpu"][1:]) <= {"NoneType"}, seen["in_gpu"]
+        assert len(columns) == 4 and all(c == {"unet_out": True, "unet_hook": 1} for c in columns), columns
+        assert (env.lora_dir / "t_grid.png").is_file()
+    else:
+        # the host's hook moved the text encoder in for the step's forward: it was in through the backward
+        assert set(seen["in_gpu"]) == {type(sd.cond_stage_model.wrapped).__name__}, seen["in_gpu"]
+    tensors, _ = _file(env.lora_dir / "t.safetensors")
+    assert any(k.startswith("lora_te_") for k in tensors) == run_cfg.train_text_encoder
+    dead = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0]
+    assert not dead, f"no gradient reached {dead[:3]}"
+    _assert_placement_as_before(before, _placement(sd, env.lv))
+    assert torch.equal(_host_generation(sd), generated), "a generation gives the same numbers as before training"
+
+
+def test_medvram_sdxl_run(sdxl_env, cfg, monkeypatch):
+    """--medvram-sdxl with SDXL loaded: the conditioner (its hook is on the conditioner, which our
+    embedder calls bypass) and sgm's VAE encoder (called past the wrapped encode) are moved in by the
+    host's hooks; the run trains every adapter and gives the host its placement back."""
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StepEvent, StopControl
+
+    env = sdxl_env
+    env.lv = install_fake_lowvram(monkeypatch, env, medvram_sdxl=True)
+    sd = env.sd
+    lv, fake = env.lv.lowvram, env.lv.fake
+    generated = _host_generation(sd)
+    assert torch.isfinite(generated).all()
+    before = _placement(sd, env.lv)
+    assert before["out"] == {"vae": True, "unet": True, "text": True} and before["module_in_gpu"] is None
+    seen = []
+    A1111Host().run(
+        TrainConfig(**{**cfg.to_dict(), "max_train_epochs": 1}),
+        EventBus(lambda ev: seen.append((fake.is_out(sd.model), lv.module_in_gpu is sd.conditioner)) if isinstance(ev, StepEvent) else None),
+        StopControl(),
+    )
+    assert seen and set(seen) == {(False, True)}, seen
+    tensors, _ = _file(env.lora_dir / "t.safetensors")
+    layers = env.sd.conditioner.embedders[0].wrapped.transformer.config.num_hidden_layers
+    dead = sorted(
+        k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0
+        and not k.startswith(f"lora_te1_text_model_encoder_layers_{layers - 1}_")
+    )
+    assert not dead, f"no gradient reached {dead[:4]}"
+    _assert_placement_as_before(before, _placement(sd, env.lv))
+    assert torch.equal(_host_generation(sd), generated)
+
+
+def test_lowvram_is_refused_before_anything_changes(host_env, cfg, monkeypatch):
+    """--lowvram (the UNet moved block by block) cannot train: a clear refusal naming the flag and what to
+    do, before the host's model, placement or options are touched."""
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StopControl
+
+    env = host_env
+    env.lv = install_fake_lowvram(monkeypatch, env, lowvram_flag=True)
+    sd = env.sd
+    assert torch.isfinite(_host_generation(sd)).all()
+    before = _placement(sd, env.lv)
+    moves = len(env.lv.fake.moves)
+    with pytest.raises(LoraTrainerError, match="--lowvram") as e:
+        A1111Host().run(TrainConfig(**{**cfg.to_dict(), "clip_skip": 2}), EventBus(), StopControl())
+    assert "--medvram" in str(e.value)
+    assert len(env.lv.fake.moves) == moves, "nothing was moved"
+    _assert_placement_as_before(before, _placement(sd, env.lv))
+    assert [c[0] for c in env.shared.state.calls] == ["begin", "end"] and not env.call_queue.queue_lock.locked()
+    assert env.shared.opts.CLIP_stop_at_last_layers == 1
+    assert not env.lora_dir.exists() or not any(env.lora_dir.iterdir())

@@ -19,6 +19,13 @@ is the pooled output followed by the host's size embedders of each image's sizes
 conditioner's order, as ``get_learned_conditioning`` builds it. OpenCLIP's q/k/v are one fused
 ``in_proj`` in ``nn.MultiheadAttention``: their LoRAs are applied through the attention's weights
 (``network.lora.FusedAttentionLoRA``) and saved as separate ``lora_te2_..._{q,k,v}_proj`` keys.
+
+SD2: the text encoder is ldm's ``FrozenOpenCLIPEmbedder`` (``cond_stage_model.wrapped``), an OpenCLIP
+tower with the same fused q/k/v, run up to ``len(resblocks) - layer_idx`` blocks (the penultimate layer);
+its LoRA has kohya's SD2 names (``lora_te_text_model_encoder_layers_N_...``, the HF CLIPTextModel that
+keeps those blocks), which the host's Lora extension maps back onto ``model.transformer.resblocks.N``.
+
+``--medvram`` / ``--medvram-sdxl`` (``modules.lowvram``): see :class:`_Offloading`. ``--lowvram`` is refused.
 """
 
 from __future__ import annotations
@@ -106,6 +113,18 @@ def _hf_text_encoder(sd_model: Any) -> nn.Module | None:
     return None
 
 
+def _openclip_text_encoder(sd_model: Any) -> tuple[nn.Module, int] | None:
+    """SD2's OpenCLIP text tower inside A1111's wrapper (ldm's ``FrozenOpenCLIPEmbedder`` at
+    ``cond_stage_model.wrapped``: ``model`` the open_clip model) and the number of its blocks the host
+    runs (``len(resblocks) - layer_idx``: 1 is the penultimate layer SD2 uses); None when it is not one."""
+    wrapped = getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)
+    model = getattr(wrapped, "model", None)
+    blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
+    if not isinstance(model, nn.Module) or not isinstance(blocks, nn.ModuleList):
+        return None
+    return model, len(blocks) - int(getattr(wrapped, "layer_idx", 0) or 0)
+
+
 def model_family(sd_model: Any) -> str:
     """``sd1``, ``sd2`` or ``sdxl``; a clear error for what the WebUI adapter cannot train."""
     for flag in ("is_sd3", "is_ssd"):
@@ -145,6 +164,7 @@ class _SDXLConditioning:
         self.sizes = [(e, SIZE_KEYS[e.input_key]) for e in embedders[2:]]
         self.te1: nn.Module = embedders[0].wrapped.transformer
         self.te2: nn.Module = embedders[1].wrapped.model
+        self.conditioner: nn.Module = sd_model.conditioner
         self.device = device
         self.unet = sd_model.model.diffusion_model
         self.dtype = _param_dtype(self.unet)
@@ -172,6 +192,7 @@ class _SDXLConditioning:
     def encode_text(self, captions: list[str]) -> SDXLCond:
         """What ``conditioner(...)`` gives for ``txt`` (crossattn: CLIP-L then OpenCLIP states; the pooled
         OpenCLIP output), from the host's wrappers called directly: they have no ``no_grad``."""
+        _host_move_in(self.conditioner)  # --medvram: its hook is on the conditioner, which this bypasses
         crossattn: list[torch.Tensor] = []
         vectors: list[torch.Tensor] = []
         for emb in self.text:
@@ -240,10 +261,190 @@ def _temporary_option(opts: Any, key: str, value: Any) -> Iterator[bool]:
             data.pop(key, None)
 
 
+def _lowvram_module() -> Any:
+    try:
+        from modules import lowvram
+    except ImportError:  # Forge Neo, or no WebUI
+        return None
+    return lowvram
+
+
+def _offloading_enabled(sd_model: Any) -> bool:
+    """True when the host keeps parts of the model on the CPU (``--medvram``, ``--medvram-sdxl`` with
+    SDXL loaded, ``--lowvram``): ``lowvram.is_enabled``, i.e. ``sd_model.lowvram``."""
+    lowvram = _lowvram_module()
+    if lowvram is None:
+        return False
+    is_enabled = getattr(lowvram, "is_enabled", None)
+    try:
+        return bool(is_enabled(sd_model)) if callable(is_enabled) else bool(getattr(sd_model, "lowvram", False))
+    except Exception:  # noqa: BLE001 - an sd_model without the flag
+        return bool(getattr(sd_model, "lowvram", False))
+
+
+def check_offloading(sd_model: Any, shared: Any) -> None:
+    """Refuse ``--lowvram`` before anything is changed (``--medvram`` / ``--medvram-sdxl`` are supported)."""
+    if not _offloading_enabled(sd_model):
+        return
+    if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
+        raise LoraTrainerError(
+            "The WebUI was started with --lowvram, which keeps the UNet on the CPU and moves it to the GPU one block "
+            "at a time; a LoRA training needs the whole UNet on the GPU through every backward pass, so it cannot run "
+            "that way. Restart the WebUI with --medvram (or --medvram-sdxl) instead of --lowvram to train: the UNet "
+            "then stays on the GPU while the training runs and goes back to the CPU afterwards."
+        )
+
+
+def _is_lowvram_hook(fn: Any, lowvram: Any) -> bool:
+    """A forward pre-hook ``lowvram.setup_for_low_vram`` registered (its inner ``send_me_to_gpu``)."""
+    module_name = getattr(lowvram, "__name__", "modules.lowvram")
+    return getattr(fn, "__module__", None) == module_name or str(getattr(fn, "__qualname__", "")).endswith("send_me_to_gpu")
+
+
+def _host_move_in(module: Any, lowvram: Any = None) -> None:
+    """Under ``--medvram``: have the host move ``module``'s part to the GPU, as the part's own hook does
+    when the part is called (the first module inside it with a lowvram hook: the VAE or SDXL's conditioner
+    itself, SD1's CLIP transformer, SD2's open_clip model). Nothing without the host's offloading."""
+    lowvram = lowvram or _lowvram_module()
+    if lowvram is None or not isinstance(module, nn.Module):
+        return
+    for m in module.modules():
+        for fn in list(m._forward_pre_hooks.values()):
+            if _is_lowvram_hook(fn, lowvram):
+                fn(m, ())
+                return
+
+
+class _Offloading:
+    """``--medvram`` / ``--medvram-sdxl``: A1111's ``modules.lowvram`` keeps the UNet (``sd_model.model``), the
+    text encoder(s) and the VAE on the CPU and moves one of them at a time to the GPU from forward pre-hooks
+    (``send_me_to_gpu``: it first sends the part it moved last, ``lowvram.module_in_gpu``, back to the CPU);
+    the VAE's hook also runs from its wrapped ``encode`` / ``decode``.
+
+    Training calls the UNet directly (the hook on ``sd_model.model`` never fires) and needs it on the GPU
+    through every backward pass, and through the text encoder's and the VAE's hooks in between. So for the
+    run (:meth:`pin`) the UNet is moved in by its own host hook, is not left as ``module_in_gpu`` (no later
+    hook sends it back), and its hook is taken off. The text encoder and the VAE keep theirs and are moved
+    by the host as in a generation: the text encoder's fire inside the host's wrapper (SD1, SD2); where we
+    call past the hooked module (SDXL's embedders, sgm's VAE encoder) :func:`_host_move_in` fires them first. Within
+    a step nothing moves the text encoder out between its forward and the backward. :meth:`release` puts
+    the hook back, has the host send the parts to the CPU, and moves in again the part that was in before:
+    the placement is as it was. :meth:`suspended` gives the host its own placement for a generation in the
+    middle of the run (a grid column)."""
+
+    def __init__(self, lowvram: Any, roots: list[nn.Module]):
+        self.lowvram = lowvram
+        self.roots = roots
+        self.units: list[nn.Module] = []
+        self._saved_hooks: list[tuple[nn.Module, list[tuple[int, Any]]]] = []
+        self._before: Any = None
+        self._started = False
+        self._pinned = False
+
+    @classmethod
+    def for_model(cls, sd_model: Any, roots: list[nn.Module]) -> _Offloading | None:
+        if not _offloading_enabled(sd_model):
+            return None
+        lowvram = _lowvram_module()
+        if not callable(getattr(lowvram, "send_everything_to_cpu", None)) or not hasattr(lowvram, "module_in_gpu"):
+            raise LoraTrainerError(
+                "The WebUI keeps the model on the CPU between uses (--medvram) in a way this adapter does not know "
+                "(no lowvram.send_everything_to_cpu / module_in_gpu); restart the WebUI without --medvram / "
+                "--medvram-sdxl to train."
+            )
+        return cls(lowvram, roots)
+
+    def _hooks(self, module: nn.Module) -> list[Any]:
+        return [fn for fn in module._forward_pre_hooks.values() if _is_lowvram_hook(fn, self.lowvram)]
+
+    def pin(self) -> None:
+        lv = self.lowvram
+        if self._pinned:
+            return
+        self._pinned = True
+        if not self._started:
+            self._started = True
+            self._before = lv.module_in_gpu
+        lv.send_everything_to_cpu()
+        try:
+            for root in self.roots:
+                for m in list(root.modules()):
+                    hooks = m._forward_pre_hooks
+                    mine = [(k, fn) for k, fn in hooks.items() if _is_lowvram_hook(fn, lv)]
+                    if not mine:
+                        continue
+                    mine[0][1](m, ())  # the host's own move
+                    unit = lv.module_in_gpu
+                    if unit is not None and not any(u is unit for u in self.units):
+                        self.units.append(unit)
+                    lv.module_in_gpu = None  # nothing the host does next sends it back to the CPU
+                    self._saved_hooks.append((m, list(hooks.items())))
+                    for k, _ in mine:
+                        del hooks[k]
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            raise LoraTrainerError(
+                f"--medvram: the UNet does not fit on the GPU for the training ({e}). Free GPU memory (other programs, "
+                "other models) and start again."
+            ) from e
+
+    def unpin(self) -> None:
+        """The hooks back; every part the run moved in goes back to the CPU through the host's function."""
+        lv = self.lowvram
+        if not self._pinned:
+            return
+        self._pinned = False
+        while self._saved_hooks:
+            m, saved = self._saved_hooks.pop()
+            hooks = m._forward_pre_hooks
+            added = [(k, fn) for k, fn in hooks.items() if all(k != key for key, _ in saved)]
+            hooks.clear()
+            hooks.update(saved)
+            hooks.update(added)
+        lv.send_everything_to_cpu()
+        for unit in self.units:
+            lv.module_in_gpu = unit
+            lv.send_everything_to_cpu()
+        self.units = []
+
+    def release(self) -> None:
+        """:meth:`unpin`, then the part that was on the GPU before the run is moved in again by its hook."""
+        if not self._started:
+            return
+        self.unpin()
+        before, self._before = self._before, None
+        self._started = False
+        _host_move_in(before, self.lowvram)
+        try:
+            from modules import devices
+
+            torch_gc = getattr(devices, "torch_gc", None)
+            if callable(torch_gc):
+                torch_gc()  # as the host after a generation: give the freed GPU memory back
+        except ImportError:
+            pass
+
+    def evict(self) -> None:
+        """The host's ``send_everything_to_cpu``: the part its hooks moved in last goes back to the CPU (the
+        pinned UNet is not the host's ``module_in_gpu`` and stays)."""
+        self.lowvram.send_everything_to_cpu()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The host's own placement (its hooks, the parts on the CPU) for a generation in the middle of the run."""
+        self.unpin()
+        try:
+            yield
+        finally:
+            self.pin()
+
+
 class _HostModelState:
     """What training changes on the host's modules, and how to put it back (called by ``bundle.release``)."""
 
-    def __init__(self, unet: nn.Module, others: list[nn.Module]):
+    def __init__(self, unet: nn.Module, others: list[nn.Module], offload: _Offloading | None = None):
+        self.offload = offload
         self.unet = unet
         self.modes = [(m, m.training) for m in [unet, *others]]
         self.ldm_flags: list[tuple[nn.Module, str, bool]] = []
@@ -255,6 +456,8 @@ class _HostModelState:
                     self.ldm_flags.append((m, attr, v))
 
     def prepare(self) -> None:
+        if self.offload is not None:
+            self.offload.pin()
         for m, _ in self.modes:
             m.eval()
         # ldm's CheckpointFunction differentiates only w.r.t. a block's inputs and own parameters:
@@ -275,6 +478,8 @@ class _HostModelState:
             setattr(m, attr, v)
         for m, mode in self.modes:
             m.train(mode)
+        if self.offload is not None:
+            self.offload.release()
 
 
 class A1111Host:
@@ -284,11 +489,15 @@ class A1111Host:
     def model_bundle(self, cfg: TrainConfig, runtime: Runtime) -> ModelBundle:
         """The loaded checkpoint as a bundle. Host LoRAs are cleared from the weights first; call
         ``bundle.release()`` when done (``run`` does)."""
+        return self._model_bundle(cfg, runtime)[0]
+
+    def _model_bundle(self, cfg: TrainConfig, runtime: Runtime) -> tuple[ModelBundle, _HostModelState]:
         from ..model.ldm import ldm_unet_lora_targets
         from ..model.sd import module_fingerprint
 
         sd_model = _loaded_model()
         family = model_family(sd_model)
+        check_offloading(sd_model, _shared())
         unet: nn.Module = sd_model.model.diffusion_model
         in_ch = getattr(unet, "in_channels", 4)
         if in_ch != 4:
@@ -303,10 +512,12 @@ class A1111Host:
         xl = _SDXLConditioning(sd_model, device) if family == "sdxl" else None
         text_root = sd_model.conditioner if xl is not None else sd_model.cond_stage_model
 
-        state = _HostModelState(unet, [m for m in (text_root, vae) if isinstance(m, nn.Module)])
-        state.prepare()
+        offload = _Offloading.for_model(sd_model, [sd_model.model])  # the UNet; the rest moves as in a generation
+        state = _HostModelState(unet, [m for m in (text_root, vae) if isinstance(m, nn.Module)], offload)
         try:
+            state.prepare()
             self.clear_host_loras(sd_model, device)
+            _host_move_in(vae)  # --medvram: read (fingerprint) and used (latents) next
         except Exception:
             state.restore()
             raise
@@ -337,6 +548,7 @@ class A1111Host:
 
             @torch.no_grad()
             def encode_images_xl(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                _host_move_in(vae)  # --medvram: the host's wrapped encode would; ours calls the encoder itself
                 return _encode_sgm_vae(vae, pixels.to(device, vae_dtype), generator, float(sd_model.scale_factor))
 
             def condition(cond: SDXLCond, sizes: list[tuple[int, ...]] | None) -> SDXLCond:
@@ -363,9 +575,10 @@ class A1111Host:
                 default_resolution=1024,
                 condition=condition,
                 concat_conditions=SDXLCond.cat,
-            )
+            ), state
 
         te = _hf_text_encoder(sd_model)
+        openclip = _openclip_text_encoder(sd_model) if te is None else None
 
         @torch.no_grad()
         def encode_images(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -395,8 +608,13 @@ class A1111Host:
             return ldm_unet_lora_targets(unet, include_conv)
 
         def text_encoder_targets() -> list[Target]:
-            return find_targets(te, "lora_te", TEXT_CONTAINERS) if te is not None else []
+            if te is not None:
+                return find_targets(te, "lora_te", TEXT_CONTAINERS)
+            if openclip is not None:  # SD2: kohya's names for the blocks the host runs
+                return openclip_text_targets(openclip[0], "lora_te", num_layers=openclip[1])
+            return []
 
+        te_root = te if te is not None else (openclip[0] if openclip is not None else None)
         return ModelBundle(
             **common,
             encode_images=encode_images,
@@ -404,9 +622,9 @@ class A1111Host:
             predict=predict,
             unet_targets=unet_targets,
             text_encoder_targets=text_encoder_targets,
-            trainable_roots=[unet] + ([te] if te is not None else []),
+            trainable_roots=[unet] + ([te_root] if te_root is not None else []),
             default_resolution=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
-        )
+        ), state
 
     def clear_host_loras(self, sd_model: Any, device: torch.device | None = None) -> bool:
         """Take the host's merged ``<lora:..>`` weights out of the model: empty ``networks.loaded_networks``,
@@ -553,8 +771,10 @@ class A1111Host:
         def after_save(path, network) -> None:
             self.refresh_loras()
             mirror.restore_vae()  # generation decodes with the VAE
+            offload = mirror.offload
             try:
-                with lora_weight(network, 0.0):
+                # --medvram: the host's own placement (its hooks, the parts on the CPU) while it generates
+                with lora_weight(network, 0.0), offload.suspended() if offload is not None else contextlib.nullcontext():
                     growing.add_column(path)
             except Exception as e:  # noqa: BLE001 - the file is saved; training goes on
                 bus.warning(f"the grid column for {Path(path).name} could not be made ({type(e).__name__}: {e})")
@@ -572,11 +792,15 @@ class A1111Host:
         try:
             sd_model = _loaded_model()
             family = model_family(sd_model)
-            if family == "sd2" and cfg.train_text_encoder and _hf_text_encoder(sd_model) is None:
-                events.warning(
-                    "SD2's OpenCLIP text encoder (fused q/k/v) cannot take a kohya text-encoder LoRA here: "
-                    "training the UNet only"
-                )
+            check_offloading(sd_model, shared)  # --lowvram: refused before anything is changed
+            if (
+                family != "sdxl"
+                and cfg.train_text_encoder
+                and _hf_text_encoder(sd_model) is None
+                and _openclip_text_encoder(sd_model) is None
+            ):
+                kind = type(getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)).__name__
+                events.warning(f"the loaded model's text encoder ({kind}) cannot take a LoRA here: training the UNet only")
                 cfg = replace(cfg, train_text_encoder=False)
             unet = sd_model.model.diffusion_model
             device = _compute_device(unet)
@@ -591,14 +815,30 @@ class A1111Host:
             events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
             mirror.unload_vae = bool(getattr(shared.opts, "lora_trainer_unload_unused", False)) and cfg.cache_latents
             mirror.sd_model = sd_model
+            skip: Any = contextlib.nullcontext(True)
             if family == "sdxl":
                 # SDXL takes its encoders' layers from the host's SDXL settings, in training as in generation
-                skip: Any = contextlib.nullcontext(True)
                 if cfg.clip_skip != 1:
                     events.info("SDXL: clip_skip is not used; the text encoders' layers follow the WebUI's SDXL settings")
+            elif family == "sd2" and _hf_text_encoder(sd_model) is None:
+                # A1111 encodes SD2 prompts with the OpenCLIP layer of the model's config (the penultimate) and
+                # ignores its Clip skip option; kohya's SD2 files call that clip_skip 1
+                if cfg.clip_skip != 1:
+                    events.info(
+                        "SD2: clip_skip is not used; the WebUI encodes SD2 prompts with the penultimate OpenCLIP layer "
+                        "(clip_skip 1 in kohya's terms)"
+                    )
+                    cfg = replace(cfg, clip_skip=1)
             else:
                 skip = _temporary_option(shared.opts, CLIP_SKIP_OPTION, cfg.clip_skip)
-            bundle = self.model_bundle(cfg, runtime)
+            bundle, host_state = self._model_bundle(cfg, runtime)
+            mirror.offload = host_state.offload
+            mirror.evict_text_at_first_step = cfg.cache_text_encoder_outputs
+            if host_state.offload is not None:
+                events.info(
+                    "--medvram: the UNet stays on the GPU while the training runs and goes back to the CPU afterwards; "
+                    "the WebUI moves the text encoder and the VAE in when they are used, as in a generation"
+                )
             try:
                 with skip as set_skip:
                     if not set_skip and cfg.clip_skip != 1:
@@ -696,6 +936,8 @@ class _StateMirror:
         self.active = True
         self.unload_vae = False
         self.sd_model: Any = None
+        self.offload: _Offloading | None = None
+        self.evict_text_at_first_step = False
         self._vae_device: torch.device | None = None
 
     def __call__(self, ev: Event) -> None:
@@ -720,6 +962,8 @@ class _StateMirror:
                 st.sampling_step = st.sampling_steps = 0
                 self._maybe_unload_vae()
         elif isinstance(ev, StepEvent):
+            if self.offload is not None and self.evict_text_at_first_step and ev.step == 1:
+                self.offload.evict()  # --medvram: the text encoder's outputs are cached, it is not needed on the GPU
             st.job_count = ev.total_steps
             st.job_no = ev.step
             eta = f", ETA {int(ev.eta) // 60}:{int(ev.eta) % 60:02d}" if ev.eta else ""
@@ -732,6 +976,11 @@ class _StateMirror:
             st.textinfo = f"LoRA training: saved {Path(ev.path).name}"
 
     def _maybe_unload_vae(self) -> None:
+        if self.offload is not None:
+            # --medvram: the host moved the VAE in to encode the images; with every latent cached it goes back
+            # to the CPU through the host's own function (the pinned UNet stays)
+            self.offload.evict()
+            return
         if not self.unload_vae or self.sd_model is None or self._vae_device is not None:
             return
         cmd = getattr(self.shared, "cmd_opts", None)
