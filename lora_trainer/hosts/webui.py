@@ -133,7 +133,7 @@ def make_backend(kind: str | None = None):
     notes = (
         f"Trains a LoRA on the checkpoint loaded in {name} (no second copy, no reload); generation waits while it "
         f"trains. Each saved epoch goes into the LoRA folder{f' ({folder})' if folder else ''} and appears in the "
-        "Lora list. SD1.x and SD2.x checkpoints; the sub-folder is set in Settings > LoRA Trainer."
+        "Lora list. SD1.x, SD2.x and SDXL checkpoints; the sub-folder is set in Settings > LoRA Trainer."
     )
     if isinstance(host, UnavailableHost):
         notes = host.reason
