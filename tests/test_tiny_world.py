@@ -1,4 +1,5 @@
-"""The tiny world: the shipped pretrained model draws its prompts, and a LoRA visibly learns a character.
+"""The tiny world: the shipped pretrained models (SD1.5 architecture and its SDXL twin) draw their
+prompts, and a LoRA visibly learns a character on each.
 
 The scores are measured on fixed seeds with deterministic detectors (see lora_trainer/world/score.py).
 """
@@ -48,18 +49,19 @@ def sampler(world):
     return Sampler.from_parts(world)
 
 
-def _train(world, tmp_path, concept, name: str, epochs: int = 2):
+def _train(world, tmp_path, concept, name: str, epochs: int = 2, model: str = "sd15"):
     """A short LoRA run on ``concept``'s kohya dataset with the demo's settings; returns the TrainResult."""
     from lora_trainer.demo import DEMO_IMAGES, DEMO_REPEATS, demo_config
     from lora_trainer.model.sd import make_sd_bundle
+    from lora_trainer.model.sdxl import make_sdxl_bundle
     from lora_trainer.train.loop import train
     from lora_trainer.world.dataset import make_concept_dataset
 
     data = make_concept_dataset(tmp_path / name, concept, images=DEMO_IMAGES, repeats=DEMO_REPEATS, seed=0)
-    cfg = demo_config(data, tmp_path / name / "Lora", epochs)
+    cfg = demo_config(data, tmp_path / name / "Lora", epochs, model)
     cfg.output_name = name
     cfg.save_every_n_epochs = 0
-    return train(cfg, make_sd_bundle(world))
+    return train(cfg, (make_sdxl_bundle if model == "sdxl" else make_sd_bundle)(world))
 
 
 # ----------------------------------------------------------------------------- the shipped model
@@ -172,3 +174,102 @@ def test_a_lora_of_another_character_does_not_raise_the_score(world, sampler, tm
     change = np.abs(after.concept_images.astype(float) - before.concept_images.astype(float)).mean()
     assert change >= 8.0, f"the other LoRA should change the pictures (mean change {change:.1f}/255)"
     assert before.concept <= 0.1 and after.concept <= 0.1, (before, after)
+
+
+# ------------------------------------------------------------------------------ the SDXL twin
+
+
+@pytest.fixture(scope="module")
+def world_xl():
+    from lora_trainer.world.model import load_tiny_world_sdxl
+
+    return load_tiny_world_sdxl()
+
+
+@pytest.fixture(scope="module")
+def sampler_xl(world_xl):
+    return Sampler.from_parts(world_xl)
+
+
+def test_sdxl_twin_files_are_small_and_complete():
+    from lora_trainer.world.model import SDXL_ASSET_DIR, sdxl_single_file
+
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (SDXL_ASSET_DIR / sub).is_dir(), sub
+    assert sdxl_single_file().is_file() and (SDXL_ASSET_DIR / "README.md").is_file()
+    assert (SDXL_ASSET_DIR / "build_info.json").is_file()
+    every_asset = [p for p in ASSET_DIR.parent.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in every_asset) <= 20_000_000, "all shipped assets together at most 20 MB"
+
+
+def test_sdxl_twin_folder_and_single_file_hold_the_same_weights(world_xl):
+    from safetensors import safe_open
+
+    from lora_trainer.model.loading import file_sha256
+    from lora_trainer.world.model import load_tiny_world_sdxl, sdxl_single_file
+
+    with safe_open(str(sdxl_single_file()), "pt") as f:  # the SGM layout A1111/Forge/ComfyUI read
+        keys = set(f.keys())
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    single = load_tiny_world_sdxl(single=True)
+    assert single.family == world_xl.family == "sdxl"
+    assert single.sha256 == file_sha256(sdxl_single_file())
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(world_xl, name).state_dict(), getattr(single, name).state_dict()
+        keys = [k for k in sa if "position_ids" not in k]
+        assert keys and set(keys) <= set(sb), name
+        assert all(torch.equal(sa[k], sb[k]) for k in keys), name
+    assert world_xl.vae.config.scaling_factor == single.vae.config.scaling_factor == pytest.approx(0.13025)
+    # SDXL's conditioning: two encoders of different widths, size conditioning in the additional embedding
+    assert world_xl.unet.config.addition_embed_type == "text_time"
+    assert world_xl.unet.config.cross_attention_dim == (
+        world_xl.text_encoder.config.hidden_size + world_xl.text_encoder_2.config.hidden_size
+    )
+
+
+def test_sdxl_twin_vae_is_the_sd15_world_vae_rescaled(world, world_xl):
+    """Same pictures, same scaled latents: ``latents * 0.13025`` of the twin are the SD1.5 world's
+    ``latents * 0.18215`` (only quant_conv / post_quant_conv differ), and decoding agrees."""
+    rng = random.Random(3)
+    x = torch.from_numpy(np.stack([to_array(render(random_scene(rng))) for _ in range(8)])).permute(0, 3, 1, 2).float()
+    x = x / 127.5 - 1.0
+    with torch.no_grad():
+        a = world.vae.encode(x).latent_dist.mean * world.vae.config.scaling_factor
+        b = world_xl.vae.encode(x).latent_dist.mean * world_xl.vae.config.scaling_factor
+        da = world.vae.decode(a / world.vae.config.scaling_factor).sample
+        db = world_xl.vae.decode(a / world_xl.vae.config.scaling_factor).sample
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+    assert (da - db).abs().mean() * 127.5 < 1.0
+    sa, sb = world.vae.state_dict(), world_xl.vae.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "quant_conv" not in k)
+
+
+def test_sdxl_twin_draws_world_prompts(sampler_xl):
+    assert sampler_xl.sdxl
+    acc = world_accuracy(sampler_xl, n=12)
+    assert acc.accuracy >= 0.6, acc
+    assert acc.background >= 0.8 and acc.colour >= 0.8, acc
+
+
+@pytest.mark.slow
+def test_lora_learns_the_character_on_the_sdxl_twin(world_xl, sampler_xl, tmp_path):
+    base = evaluate(sampler_xl, OHWX, bleed=False)
+    assert base.concept <= 0.1, "the base model must not draw the character"
+    result = _train(world_xl, tmp_path, OHWX, "ohwx_xl", epochs=3, model="sdxl")
+    net = result.network
+    assert any(m.lora_name.startswith("lora_te2_") for m in net.loras)
+    w0 = evaluate(sampler_xl, OHWX, net, weight=0.0, bleed=False)
+    w1 = evaluate(sampler_xl, OHWX, net, weight=1.0)
+    assert w0.concept == base.concept  # weight 0 is the untrained base model, exactly
+    assert w1.concept >= 0.5, w1
+    assert w1.concept >= w0.concept + 0.4, (w0, w1)
+    assert w1.bleed >= 0.5, w1
+    # the saved file, read back through the grid's generator (SGM / te1 / te2 names), gives the same LoRA
+    from lora_trainer.hosts.standalone import StandaloneGenerator
+
+    loaded = StandaloneGenerator(world_xl)._network(str(result.files[-1]))
+    again = evaluate(sampler_xl, OHWX, loaded, weight=1.0, bleed=False)
+    assert abs(again.concept - w1.concept) <= 0.2
+    assert not net.attached and not loaded.attached

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Build the tiny world's pretrained SD1.5-architecture model (CPU only: about 20 minutes on a busy 2-core machine).
+"""Build the tiny world's pretrained models (CPU only: about 20 minutes each on a busy 2-core machine).
 
-    python tools/make_tiny_world.py --out lora_trainer/assets/tiny_world
+    python tools/make_tiny_world.py --out lora_trainer/assets/tiny_world                     # SD1.5 architecture
+    python tools/make_tiny_world.py --arch sdxl --out lora_trainer/assets/tiny_world_sdxl    # its SDXL twin
+
+SD1.5 architecture (``--arch sd15``, the default):
 
 1. VAE (SD's shape: 8x downsampling, 4 latent channels) trained as an autoencoder on world
    pictures and on generic pictures of overlapping shapes; its latents are then rescaled
@@ -11,6 +14,14 @@
    circle on a blue background"), with 10% empty captions for classifier-free guidance.
 3. A check: pictures sampled for world prompts are read back by the deterministic classifier.
 4. Saved in fp16 as a diffusers folder and, inside it, as an A1111-layout single file.
+
+SDXL twin (``--arch sdxl``): the same world and the same steps 2-4, on SDXL's architecture: two
+text encoders (CLIPTextModel and CLIPTextModelWithProjection; the UNet's context is both
+penultimate hidden states concatenated, the second one's pooled projection and the size/crop
+``time_ids`` go into its additional embedding). The VAE is not trained again: the SD1.5 world's
+(``--vae-from``, SDXL's VAE has the same shape) with its latents rescaled exactly for SDXL's scaling
+factor 0.13025, so the scaled latents are those the SD1.5 world's UNet learnt from. Saved in fp16
+as a diffusers SDXL folder and, inside it, as an SGM-layout single file (A1111/Forge/ComfyUI).
 
 Everything is seeded (``--seed``); the same seed and settings on the same torch build give the
 same model. ``build_info.json`` in the output folder records the settings, times and checks.
@@ -52,7 +63,19 @@ from lora_trainer.world.drawing import (  # noqa: E402
     render,
     to_array,
 )
-from lora_trainer.world.model import RESOLUTION, SINGLE_FILE_NAME, WORLD_CLIP, WORLD_UNET, WORLD_VAE  # noqa: E402
+from lora_trainer.world.model import (  # noqa: E402
+    ASSET_DIR,
+    RESOLUTION,
+    SDXL_SINGLE_FILE_NAME,
+    SINGLE_FILE_NAME,
+    WORLD_CLIP,
+    WORLD_SDXL_UNET,
+    WORLD_SDXL_VAE,
+    WORLD_TE1,
+    WORLD_TE2,
+    WORLD_UNET,
+    WORLD_VAE,
+)
 
 T0 = time.time()
 
@@ -165,17 +188,24 @@ def finetune_decoder(state_path: str, out_path: str, steps: int, batch: int, lr:
 
 
 @torch.no_grad()
-def rescale_latents(vae, rng: random.Random) -> float:
-    """Scale the latent space exactly so that ``latents * 0.18215`` has unit variance, as in SD."""
-    x = to_tensor([to_array(render(random_scene(rng), RESOLUTION)) for _ in range(256)])
-    std = float(vae.encode(x).latent_dist.mean.std())
-    k = (1.0 / WORLD_VAE["scaling_factor"]) / std
-    c = WORLD_VAE["latent_channels"]
+def scale_latent_space(vae, k: float) -> None:
+    """Make the VAE's latents ``k`` times larger, exactly: the encoder's mean (and log-variance)
+    through quant_conv, the decoder's input through post_quant_conv; decoding is unchanged."""
+    c = vae.config.latent_channels
     qc, pqc = vae.quant_conv, vae.post_quant_conv
     qc.weight[:c] *= k
     qc.bias[:c] *= k
     qc.bias[c:] += 2 * math.log(k)  # logvar of k * z
     pqc.weight /= k
+
+
+@torch.no_grad()
+def rescale_latents(vae, rng: random.Random) -> float:
+    """Scale the latent space exactly so that ``latents * 0.18215`` has unit variance, as in SD."""
+    x = to_tensor([to_array(render(random_scene(rng), RESOLUTION)) for _ in range(256)])
+    std = float(vae.encode(x).latent_dist.mean.std())
+    k = (1.0 / WORLD_VAE["scaling_factor"]) / std
+    scale_latent_space(vae, k)
     check = float(vae.encode(x).latent_dist.mean.std()) * WORLD_VAE["scaling_factor"]
     log(f"latents rescaled by {k:.3f}: std of scaled latents {check:.3f}")
     return k
@@ -200,39 +230,89 @@ def vae_check(vae, rng: random.Random) -> dict:
     return {"world_read_back": world, "concept_read_back": concept, "mae_255": mae}
 
 
-# ----------------------------------------------------------------------------------- UNet + TE
-def train_unet_te(args, vae, tokenizer, rng: random.Random):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+@torch.no_grad()
+def world_vae_for_sdxl(folder: str):
+    """The SD1.5 world's VAE (same shape as SDXL's) with its latents rescaled exactly for SDXL's
+    scaling factor: ``latents * 0.13025`` are the SD1.5 world's ``latents * 0.18215``."""
+    from diffusers import AutoencoderKL
 
+    sd1 = AutoencoderKL.from_pretrained(Path(folder) / "vae", local_files_only=True)
+    if float(sd1.config.scaling_factor) != WORLD_VAE["scaling_factor"]:
+        raise SystemExit(f"{folder}: the VAE's scaling factor is {sd1.config.scaling_factor}, not SD's {WORLD_VAE['scaling_factor']}")
+    vae = AutoencoderKL(**WORLD_SDXL_VAE)
+    vae.load_state_dict({k: v.float() for k, v in sd1.state_dict().items()})
+    k = WORLD_VAE["scaling_factor"] / WORLD_SDXL_VAE["scaling_factor"]
+    scale_latent_space(vae, k)
+    vae.eval()
+    x = to_tensor([to_array(render(random_scene(random.Random(7)), RESOLUTION)) for _ in range(32)])
+    a = sd1.float().encode(x).latent_dist.mean * WORLD_VAE["scaling_factor"]
+    b = vae.encode(x).latent_dist.mean * WORLD_SDXL_VAE["scaling_factor"]
+    log(f"VAE from {folder}: latents rescaled by {k:.5f} for SDXL's factor {WORLD_SDXL_VAE['scaling_factor']} (scaled latents differ by at most {float((a - b).abs().max()):.1e})")
+    return vae
+
+
+# ----------------------------------------------------------------------------------- UNet + TE
+def make_denoiser(arch: str, tokenizer):
+    """The UNet and text encoder(s) of ``arch``, freshly initialised, and ``predict(x_t, t, ids, per)``:
+    the UNet's output for ``x_t`` with ``per`` pictures for each caption of token ids ``ids``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ids_cfg = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "sd15":
+        unet = UNet2DConditionModel(**WORLD_UNET)
+        te = CLIPTextModel(CLIPTextConfig(**ids_cfg, **WORLD_CLIP))
+
+        def predict(x_t, t, ids, per):
+            cond = te(ids)[0].repeat_interleave(per, dim=0)
+            return unet(x_t, t, encoder_hidden_states=cond).sample
+
+        return unet, [te], predict
+
+    from lora_trainer.model.sdxl import time_ids_from_sizes
+
+    unet = UNet2DConditionModel(**WORLD_SDXL_UNET)
+    te1 = CLIPTextModel(CLIPTextConfig(**ids_cfg, **WORLD_TE1))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids_cfg, **WORLD_TE2))
+    # every picture of the world is drawn at its full size: original = target = 64x64, crop (0, 0)
+    time_ids = time_ids_from_sizes([(RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)])
+
+    def predict_sdxl(x_t, t, ids, per):
+        o1 = te1(ids, output_hidden_states=True)
+        o2 = te2(ids, output_hidden_states=True)
+        hidden = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1).repeat_interleave(per, dim=0)
+        added = {"text_embeds": o2.text_embeds.repeat_interleave(per, dim=0), "time_ids": time_ids.expand(x_t.shape[0], -1)}
+        return unet(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+    return unet, [te1, te2], predict_sdxl
+
+
+def train_unet_te(args, vae, tokenizer, rng: random.Random):
+    scaling = float(vae.config.scaling_factor)
     log(f"encoding {args.images} world pictures")
     scenes = [random_scene(rng) for _ in range(args.images)]
     lat_list = []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
             x = to_tensor([to_array(render(s, RESOLUTION)) for s in scenes[i : i + 256]])
-            lat_list.append(vae.encode(x).latent_dist.mean * WORLD_VAE["scaling_factor"])
+            lat_list.append(vae.encode(x).latent_dist.mean * scaling)
     latents = torch.cat(lat_list)
     log(f"latents {tuple(latents.shape)}, std {float(latents.std()):.3f}")
 
     torch.manual_seed(args.seed + 1)
-    unet = UNet2DConditionModel(**WORLD_UNET)
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **WORLD_CLIP,
-        )
-    )
+    unet, encoders, predict = make_denoiser(args.arch, tokenizer)
     n_u = sum(p.numel() for p in unet.parameters())
-    n_t = sum(p.numel() for p in te.parameters())
+    n_t = sum(p.numel() for te in encoders for p in te.parameters())
     log(
-        f"UNet {n_u / 1e6:.2f}M, text encoder {n_t / 1e6:.2f}M parameters; {args.unet_steps} steps of {args.unet_batch} "
-        f"pictures ({args.captions_per_batch} captions)"
+        f"UNet {n_u / 1e6:.2f}M, text encoder{'s' if len(encoders) > 1 else ''} {n_t / 1e6:.2f}M parameters; "
+        f"{args.unet_steps} steps of {args.unet_batch} pictures ({args.captions_per_batch} captions)"
     )
-    params = list(unet.parameters()) + list(te.parameters())
+    params = list(unet.parameters()) + [p for te in encoders for p in te.parameters()]
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ac = alphas_cumprod_from_config(SD_SCHEDULER)
     snr = ac / (1 - ac)
@@ -254,7 +334,8 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
     keys = sorted(groups)
     per = args.unet_batch // args.captions_per_batch
     unet.train()
-    te.train()
+    for te in encoders:
+        te.train()
     t0 = time.time()
     recent: list[float] = []
     for step in range(args.unet_steps):
@@ -272,8 +353,7 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
         t = torch.randint(0, len(ac), (x0.shape[0],), generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = te(tokens(captions))[0].repeat_interleave(per, dim=0)
-        pred = unet(x_t, t, encoder_hidden_states=cond).sample
+        pred = predict(x_t, t, tokens(captions), per)
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-5 weighting (epsilon target)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
@@ -289,8 +369,9 @@ def train_unet_te(args, vae, tokenizer, rng: random.Random):
             )
             recent.clear()
     unet.eval()
-    te.eval()
-    return unet, te
+    for te in encoders:
+        te.eval()
+    return unet, encoders
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -320,9 +401,33 @@ def save(parts: DiffusersSD, out: Path) -> dict:
     return sizes
 
 
+def save_sdxl(parts, out: Path) -> dict:
+    """fp16 diffusers SDXL folder and, inside it, the SGM-layout single file."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.model.sdxl import to_sgm_checkpoint
+    from lora_trainer.model.tiny_sdxl import save_sdxl_diffusers_folder
+
+    modules = (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2)
+    for m in modules:
+        m.to(torch.float16)
+    if out.exists():
+        for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    save_sdxl_diffusers_folder(parts, out)
+    ckpt = to_sgm_checkpoint(parts)
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, out / SDXL_SINGLE_FILE_NAME, metadata={"format": "pt"})
+    for m in modules:
+        m.to(torch.float32)
+    return {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="lora_trainer/assets/tiny_world")
+    p.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="SD1.5 architecture, or its SDXL twin")
+    p.add_argument("--out", help="output folder (default: lora_trainer/assets/tiny_world, or tiny_world_sdxl for --arch sdxl)")
+    p.add_argument("--vae-from", default=str(ASSET_DIR.relative_to(Path(__file__).resolve().parent.parent)),
+                   help="--arch sdxl: the SD1.5 world whose VAE is reused (not trained again)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; 1 is faster on a busy machine)")
     p.add_argument("--vae-steps", type=int, default=1000, help="encoder + decoder steps on 32x32 crops")
@@ -341,18 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-samples", type=int, default=60, help="world prompts sampled and read back at the end")
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = "lora_trainer/assets/tiny_world" + ("_sdxl" if args.arch == "sdxl" else "")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    log(f"tiny world: seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads -> {out}")
+    log(f"tiny world ({args.arch}): seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads -> {out}")
 
     from transformers import CLIPTokenizer
 
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny_world_tok_"))
     write_tiny_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    if args.arch == "sdxl":
+        return main_sdxl(args, argv, out, rng, tokenizer, tok_dir)
 
     t_vae = time.time()
     vae = train_vae(args, rng)
@@ -370,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     child.start()
     t_unet = time.time()
-    unet, te = train_unet_te(args, vae, tokenizer, rng)
+    unet, (te,) = train_unet_te(args, vae, tokenizer, rng)
     t_unet = time.time() - t_unet
     child.join()
     if child.exitcode != 0:
@@ -413,6 +522,58 @@ def main(argv: list[str] | None = None) -> int:
             "unet": sum(p.numel() for p in unet.parameters()),
             "vae": sum(p.numel() for p in vae.parameters()),
             "text_encoder": sum(p.numel() for p in te.parameters()),
+        },
+        "checks": checks,
+        "file_bytes": sizes,
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"saved to {out}: {sum(sizes.values()) / 1e6:.1f} MB in {len(sizes)} files; total {total / 60:.1f} min")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return 0
+
+
+def main_sdxl(args, argv, out: Path, rng: random.Random, tokenizer, tok_dir: Path) -> int:
+    """The SDXL twin: the SD1.5 world's VAE rescaled, UNet and both text encoders trained, checked, saved."""
+    from lora_trainer.model.sdxl import DiffusersSDXL
+    from lora_trainer.model.tiny_sdxl import SDXL_SCHEDULER
+    from lora_trainer.world.model import load_tiny_world_sdxl
+    from lora_trainer.world.sample import Sampler
+    from lora_trainer.world.score import world_accuracy
+
+    t_vae = time.time()
+    vae = world_vae_for_sdxl(args.vae_from)
+    t_vae = time.time() - t_vae
+    t_unet = time.time()
+    unet, (te1, te2) = train_unet_te(args, vae, tokenizer, rng)
+    t_unet = time.time() - t_unet
+    checks = {"vae": vae_check(vae, random.Random(args.seed + 100))}
+    parts = DiffusersSDXL(
+        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler_config=dict(SDXL_SCHEDULER), name="tiny_world_sdxl",
+    )
+    acc = world_accuracy(Sampler.from_parts(parts), n=args.check_samples, seed=1000)
+    log(
+        f"check: {acc.accuracy:.0%} of {acc.n} sampled world pictures read right "
+        f"(shape {acc.shape:.0%}, colour {acc.colour:.0%}, background {acc.background:.0%})"
+    )
+    checks["world_fp32"] = acc.as_dict()
+    sizes = save_sdxl(parts, out)
+    acc16 = world_accuracy(Sampler.from_parts(load_tiny_world_sdxl(out)), n=args.check_samples, seed=1000)
+    log(f"check after the fp16 round trip: {acc16.accuracy:.0%} read right")
+    checks["world_fp16"] = acc16.as_dict()
+    total = time.time() - T0
+    skipped = ("vae_steps", "vae_batch", "vae_lr", "vae_kl", "decoder_steps", "decoder_batch", "decoder_lr")
+    info = {
+        "command": "python tools/make_tiny_world.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: v for k, v in vars(args).items() if k not in skipped},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": {"vae_rescale": round(t_vae, 1), "unet_text_encoders": round(t_unet, 1), "total": round(total, 1)},
+        "parameters": {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "vae": sum(p.numel() for p in vae.parameters()),
+            "text_encoder": sum(p.numel() for p in te1.parameters()),
+            "text_encoder_2": sum(p.numel() for p in te2.parameters()),
         },
         "checks": checks,
         "file_bytes": sizes,
