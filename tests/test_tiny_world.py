@@ -273,3 +273,37 @@ def test_lora_learns_the_character_on_the_sdxl_twin(world_xl, sampler_xl, tmp_pa
     again = evaluate(sampler_xl, OHWX, loaded, weight=1.0, bleed=False)
     assert abs(again.concept - w1.concept) <= 0.2
     assert not net.attached and not loaded.attached
+
+
+def test_demo_model_choice(monkeypatch, tmp_path):
+    from lora_trainer import demo
+    from lora_trainer.cli import build_parser
+    from lora_trainer.world.model import SDXL_ASSET_DIR
+
+    assert build_parser().parse_args(["demo"]).model == "sd15"
+    assert build_parser().parse_args(["demo", "--model", "sdxl"]).model == "sdxl"
+    assert demo.demo_base_model("sd15")[0] == str(ASSET_DIR)
+    path, about, pretrained = demo.demo_base_model("sdxl")
+    assert path == str(SDXL_ASSET_DIR) and pretrained and "SDXL" in about
+    cfg = demo.demo_config(tmp_path / "img", tmp_path / "Lora", 4, "sdxl")
+    assert cfg.pretrained_model == str(SDXL_ASSET_DIR) and cfg.output_name == "demo_ohwx_sdxl"
+    # without the twin: the random tiny SDXL, saying that the score needs the twin
+    import lora_trainer.world.model as world_model
+
+    monkeypatch.setattr(world_model, "has_tiny_world_sdxl", lambda folder=None: False)
+    path, about, pretrained = demo.demo_base_model("sdxl")
+    assert path == "builtin:tiny-sdxl" and not pretrained and "make_tiny_world.py --arch sdxl" in about
+
+
+@pytest.mark.slow
+def test_demo_on_the_sdxl_twin_prints_scores(tmp_path, capsys):
+    from lora_trainer.cli import main
+
+    assert main(["demo", "--model", "sdxl", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "SDXL-architecture twin" in out and "demo_ohwx_sdxl" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("1  demo_ohwx_sdxl")]
+    assert len(row) == 1, out[-2000:]
+    run = next(tmp_path.glob("run-*"))
+    assert (run / "models" / "Lora" / "demo_ohwx_sdxl.safetensors").is_file()
+    assert (run / "samples" / "demo_ohwx_sdxl-ohwx.png").is_file()
