@@ -248,6 +248,11 @@ class Trial:
     txt2img: dict = field(default_factory=lambda: dict(TXT2IMG))
     extra_train: dict = field(default_factory=dict)
     """Extra training options (e.g. a resolution the checkpoint needs)."""
+    prefix: str = "trial"
+    """Output names start with it (files are never overwritten: one prefix per trial on a server)."""
+    images: int = 4
+    repeats: int = 2
+    """The demo dataset: images x repeats steps per epoch (batch 1)."""
     state: dict = field(default_factory=dict)
     demo: dict = field(default_factory=dict)
 
@@ -287,13 +292,14 @@ def wait_until_idle(server: Server, name: str, timeout: float = 120.0) -> dict:
         time.sleep(0.3)
 
 
-def check_train_and_generate(trial: Trial, tmp_path_factory, name: str = "trial_ohwx") -> dict:
+def check_train_and_generate(trial: Trial, tmp_path_factory) -> dict:
     """Generate, train 2 epochs (+ grid) through the REST routes, check the files in the host's LoRA
     list, generate with the LoRA (different) and without it (bit-identical to before training).
     Returns the final status."""
     from lora_trainer.demo import make_demo_dataset
 
     server = trial.server
+    name = f"{trial.prefix}_ohwx"
     prompt = trial.txt2img["prompt"]
     trial.state["clip_skip"] = server.ok("GET", "/sdapi/v1/options").get("CLIP_stop_at_last_layers")
     t0 = time.monotonic()
@@ -301,7 +307,7 @@ def check_train_and_generate(trial: Trial, tmp_path_factory, name: str = "trial_
     trial.state["txt2img_s"] = time.monotonic() - t0
     trial.state["before"] = before
 
-    data = make_demo_dataset(tmp_path_factory.mktemp("demo"), images=4, size=64, repeats=2)
+    data = make_demo_dataset(tmp_path_factory.mktemp("demo"), images=trial.images, size=64, repeats=trial.repeats)
     cfg = {
         "train_data_dir": str(data),
         "output_name": name,
@@ -361,7 +367,8 @@ def check_train_and_generate(trial: Trial, tmp_path_factory, name: str = "trial_
         f"training failed: {st['error']}\nmessages: {st['messages']}\n--- WebUI log ---\n{server.log_tail()}"
     )
     assert st["state"] == "done", st
-    assert st["step"] == st["total_steps"] == 16 and st["epoch"] == 2, st  # 4 images x 2 repeats x 2 epochs
+    steps = trial.images * trial.repeats * 2  # 2 epochs
+    assert st["step"] == st["total_steps"] == steps and st["epoch"] == 2, st
     grid = st["grid"]
     assert grid["total"] == 4 and grid["done"] == grid["total"], f"grid: {grid}"  # 2 files x weights 0, 1
     assert grid["path"] and Path(grid["path"]).is_file(), f"grid: {grid}"
@@ -401,7 +408,9 @@ def demo_dataset_once(trial: Trial, tmp_path_factory) -> Path:
     from lora_trainer.demo import make_demo_dataset
 
     if "data" not in trial.demo:
-        trial.demo["data"] = make_demo_dataset(tmp_path_factory.mktemp("demo_stop"), images=4, size=64, repeats=2)
+        trial.demo["data"] = make_demo_dataset(
+            tmp_path_factory.mktemp("demo_stop"), images=trial.images, size=64, repeats=trial.repeats
+        )
     return trial.demo["data"]
 
 
@@ -434,7 +443,7 @@ def check_stopping(trial: Trial, tmp_path_factory, how: str) -> None:
     assert "before" in trial.state, "the training test did not run"
     server = trial.server
     data = demo_dataset_once(trial, tmp_path_factory)
-    name = f"trial_{how}"
+    name = f"{trial.prefix}_{how}"
     start_and_wait_for_steps(trial, name, data)
     if how == "interrupt":
         server.ok("POST", "/sdapi/v1/interrupt")
@@ -511,16 +520,18 @@ def check_growing_grid(trial: Trial, tmp_path_factory) -> None:
         "save_precision": "float",
         **trial.extra_train,
     }
-    plain = _train_and_wait(trial, {**base, "output_name": "trial_plain", "grid_after_training": False})
+    plain = _train_and_wait(trial, {**base, "output_name": f"{trial.prefix}_plain", "grid_after_training": False})
     assert plain["grid"]["total"] == 0, plain["grid"]
-    grown = _train_and_wait(trial, {**base, "output_name": "trial_grown", "grid_each_epoch": True})
-    assert grown["state"] == "done" and grown["step"] == grown["total_steps"] == 16, grown
+    grown = _train_and_wait(trial, {**base, "output_name": f"{trial.prefix}_grown", "grid_each_epoch": True})
+    steps = trial.images * trial.repeats * 2
+    assert grown["state"] == "done" and grown["step"] == grown["total_steps"] == steps, grown
     assert not [m for m in grown["messages"] if "could not be" in m], grown["messages"]
     grid = grown["grid"]
     assert grid["total"] == 4 and grid["done"] == 4, f"grid: {grid}"  # the second column: 2 epochs x 2 weights
-    assert grid["path"] and Path(grid["path"]).name == "trial_grown_grid.png" and Path(grid["path"]).is_file()
-    a = load_file(str(trial.lora_dir / "trial_plain.safetensors"))
-    b = load_file(str(trial.lora_dir / "trial_grown.safetensors"))
+    assert grid["path"] and Path(grid["path"]).name == f"{trial.prefix}_grown_grid.png", grid
+    assert Path(grid["path"]).is_file(), grid
+    a = load_file(str(trial.lora_dir / f"{trial.prefix}_plain.safetensors"))
+    b = load_file(str(trial.lora_dir / f"{trial.prefix}_grown.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst == 0.0, f"the grid columns changed the training: the LoRA differs by up to {worst:.3g}"

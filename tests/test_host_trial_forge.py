@@ -29,6 +29,12 @@ request without it is bit-identical to the one before training; the same after `
 ``/stop_and_save`` and the host's Interrupt; at the end ``/sdapi/v1/progress`` is idle, Clip skip is
 as it was, the log has no traceback. With ``grid_each_epoch`` the columns are made through Forge's
 txt2img in the middle of the run, and the LoRA trained is bit-identical to the one trained without.
+
+Then the same Forge is switched to a small SDXL checkpoint (SDXL's detection needs SDXL's UNet
+depths, 2048-wide context and 2816-wide ``y``; widths stay 320; CLIP-L, CLIP-G and the VAE are
+full-size: a 2.3 GB file), and training, the files (kohya SDXL keys: SGM UNet names, te1/te2, all
+applied by Forge), generation with and without the LoRA, /stop_and_save and the idle host are
+checked again. ``LORA_TRAINER_FORGE_SDXL=0`` leaves the SDXL part out.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from host_trial_common import (
 )
 
 FORGE_DIR = os.environ.get("LORA_TRAINER_FORGE_DIR", "")
+WITH_SDXL = os.environ.get("LORA_TRAINER_FORGE_SDXL", "1") not in ("0", "false", "no", "")
 START_TIMEOUT = float(os.environ.get("LORA_TRAINER_FORGE_START_TIMEOUT", "900"))
 TRAIN_TIMEOUT = float(os.environ.get("LORA_TRAINER_FORGE_TRAIN_TIMEOUT", "900"))
 SD15_REPO = ("backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
@@ -129,6 +136,60 @@ def build_sd15_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_
         k: (v.half() if k.startswith("cond_stage_model.") else v).detach().contiguous().clone()
         for k, v in state.items()
     }
+    ckpt_dir = models_dir / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"{name}.safetensors"
+    save_file(state, str(ckpt))
+    return ckpt
+
+
+SDXL_REPO = ("backend", "huggingface", "stabilityai", "stable-diffusion-xl-base-1.0")
+
+# A diffusers SDXL UNet whose SGM twin huggingface_guess calls SDXL: model_channels 320, linear
+# proj_in, transformer depths [0, 0, 2, 2, 10, 10] on the input res blocks, context 2048, y of 2816
+# (CLIP-G's 1280 + 6 x 256). The widths stay 320 on every level (SDXL's are 320, 640, 1280).
+UNET_SDXL = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 320, 320],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 5, 5],  # heads of 64 channels, as Forge builds it
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
+
+def build_sdxl_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_forge_sdxl") -> Path:
+    """``models_dir/Stable-diffusion/<name>.safetensors`` in SGM layout, fp16 (2.3 GB: the text encoders
+    and the VAE are full-size, from the checkout's SDXL configs). Deterministic (seeded)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_trainer.model.sdxl import DiffusersSDXL, to_sgm_checkpoint
+
+    repo = forge_root.joinpath(*SDXL_REPO)
+    torch.manual_seed(0)
+    parts = DiffusersSDXL(
+        unet=UNet2DConditionModel(**UNET_SDXL),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(str(repo / "vae"))),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(str(repo / "text_encoder"))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(repo / "text_encoder_2"))),
+        tokenizer=None,
+        tokenizer_2=None,
+        scheduler_config={},
+    )
+    state = {k: v.detach().half().contiguous() for k, v in to_sgm_checkpoint(parts).items()}
+    del parts
     ckpt_dir = models_dir / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / f"{name}.safetensors"
@@ -226,3 +287,54 @@ def test_stopping_leaves_the_host_as_it_was(forge, tmp_path_factory, how):
 
 def test_idle_at_the_end(forge):
     check_idle_at_the_end(forge)
+
+
+# --------------------------------------------------------------------------- SDXL, in the same Forge
+
+
+@pytest.fixture(scope="module")
+def forge_xl(forge):
+    """The same Forge, switched to a small SDXL checkpoint (built here, then selected through the
+    options API as the checkpoint list would): training follows the checkpoint Forge has selected."""
+    if not WITH_SDXL:
+        pytest.skip("LORA_TRAINER_FORGE_SDXL=0: the SDXL part is left out")
+    server = forge.server
+    ckpt = build_sdxl_checkpoint(server.data_dir / "models", Path(FORGE_DIR).resolve())
+    server.ok("POST", "/sdapi/v1/refresh-checkpoints")
+    titles = [m.get("title", "") for m in server.ok("GET", "/sdapi/v1/sd-models")]
+    assert any(t.startswith(ckpt.name) for t in titles), f"{ckpt.name} is not in Forge's checkpoint list: {titles}"
+    server.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": ckpt.name})
+    # SDXL on a CPU is slow (full-size CLIP-G in fp16): 2 images x 1 repeat x 2 epochs
+    return Trial(
+        server,
+        TRAIN_TIMEOUT,
+        base_model_version="sdxl_base_v1",
+        bad_log=FORGE_LORA_BAD,
+        check_lora_log=check_forge_lora_log,
+        txt2img=dict(forge.txt2img),
+        prefix="trial_xl",
+        images=2,
+        repeats=1,
+    )
+
+
+def test_sdxl_train_through_rest_and_generate(forge_xl, tmp_path_factory):
+    """The same checks on SDXL: kohya SDXL keys (SGM UNet names, te1/te2) all applied by Forge."""
+    st = check_train_and_generate(forge_xl, tmp_path_factory)
+    assert "tiny_forge_sdxl" in st["messages"][0], st["messages"][0]  # trained on the selected checkpoint
+    from safetensors import safe_open
+
+    with safe_open(st["files"][-1]["path"], "pt") as f:
+        prefixes = {k.split("_", 2)[1] for k in f.keys()}
+    assert prefixes == {"unet", "te1", "te2"}, prefixes
+    print(
+        f"\nSDXL timings: txt2img {forge_xl.state['txt2img_s']:.1f} s, training + grid {forge_xl.state['train_s']:.1f} s"
+    )
+
+
+def test_sdxl_stop_and_save(forge_xl, tmp_path_factory):
+    check_stopping(forge_xl, tmp_path_factory, "stop_and_save")
+
+
+def test_sdxl_idle_at_the_end(forge_xl):
+    check_idle_at_the_end(forge_xl)
