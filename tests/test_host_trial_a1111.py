@@ -30,6 +30,18 @@ REST routes with the grid; SDXL metadata, SGM UNet names, separate te2 q/k/v key
 (a file with a bogus key is the control that the log would say so); a file of te2's q/k/v alone changes
 the image (the host folds them into OpenCLIP's fused ``in_proj``); the image without a LoRA is
 bit-identical to the one before training; the host is idle afterwards.
+
+Then SD2: a tiny ldm checkpoint with its ``.yaml`` (v-prediction, linear transformer projections, ldm's
+``FrozenOpenCLIPEmbedder`` with layer "penultimate" on a second tiny OpenCLIP registered by the same
+preload, three blocks of which the host runs two) trains 2 epochs through REST with the text encoder;
+SD2 metadata, diffusers-style UNet names and ``lora_te_`` q/k/v keys for the two blocks the host runs,
+every key matched, te q/k/v alone change the image, the image without a LoRA is bit-identical, and an
+in-host probe compares our conditioning/UNet output with the host's with and without the LoRA.
+
+Last, the host's own ``--medvram`` (the flag set and the model reloaded by ``sd_models.load_model``, so its
+``lowvram`` hooks are on the SD2 model; on CPU its moves are no-ops, its hooks and bookkeeping are real):
+a run trains every adapter, every forward pre-hook is back in place and order afterwards, the image is
+bit-identical; with the ``--lowvram`` flag the run is refused, naming it, and nothing changes.
 """
 
 from __future__ import annotations
@@ -465,11 +477,247 @@ def build_sdxl_checkpoint(models_dir: Path, name: str = "tiny_sdxl") -> Path:
         "text_cfg": OPENCLIP_TEXT,
     }
     (ext / f"{OPENCLIP_ARCH}.json").write_text(json.dumps(config, indent=1))
-    (ext / "preload.py").write_text(
-        "import os\n\n\ndef preload(parser):\n    import open_clip\n\n"
-        f"    open_clip.add_model_config(os.path.join(os.path.dirname(__file__), {OPENCLIP_ARCH + '.json'!r}))\n"
-    )
+    (ext / "preload.py").write_text(PRELOAD)
     return ckpt
+
+
+# the helper extension's preload.py: every tiny OpenCLIP architecture (a .json beside it) registered
+PRELOAD = """\
+import glob
+import os
+
+
+def preload(parser):
+    import open_clip
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.json"))):
+        open_clip.add_model_config(path)
+"""
+
+
+# --------------------------------------------------------------------------- the tiny SD2 checkpoint
+
+# ldm's FrozenOpenCLIPEmbedder builds its open_clip model by name too: three blocks, of which the host runs
+# two (layer "penultimate"), as SD2 runs 23 of OpenCLIP-H's 24
+OPENCLIP_SD2_ARCH = "lora-trainer-trial-tiny-text-sd2"
+OPENCLIP_SD2_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}
+SD2_CKPT_YAML = """\
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 8
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: False
+        image_size: 8
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [ 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2 ]
+        num_head_channels: 16
+        use_spatial_transformer: True
+        use_linear_in_transformer: True
+        transformer_depth: 1
+        context_dim: {context_dim}
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 64
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [ 1, 1, 1, 1 ]
+          num_res_blocks: 1
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder
+      params:
+        arch: {arch}
+        version: null
+        freeze: True
+        layer: "penultimate"
+"""
+
+# A route of the test-only extension, run inside the host: SD2's conditioning and UNet output as our bundle
+# computes them (the host's wrapper, the UNet called directly; a LoRA file applied by our hooks and the fused
+# q/k/v path) against the host's get_learned_conditioning / apply_model with the file loaded by its Lora extension.
+SD2_PROBE = """\
+import torch
+
+from modules import script_callbacks
+
+PROMPT = "ohwx ring, blue background"
+
+
+def probe(name: str = ""):
+    import networks
+    from modules import call_queue, devices, shared
+
+    from lora_trainer.hosts.a1111 import _openclip_text_encoder
+    from lora_trainer.model.ldm import ldm_unet_lora_targets
+    from lora_trainer.network.load import network_from_file
+    from lora_trainer.network.targets import openclip_text_targets
+
+    sd = shared.sd_model
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(devices.device)
+    t = torch.tensor([500], device=devices.device)
+
+    def host():
+        with torch.no_grad():
+            c = sd.get_learned_conditioning([PROMPT])
+            return c.float(), sd.apply_model(x, t, c).float()
+
+    def ours():
+        with torch.no_grad():
+            c = sd.cond_stage_model([PROMPT])
+            return c.float(), sd.model.diffusion_model(x, t, context=c).float()
+
+    def diff(a, b):
+        return [float((p - q).abs().max()) / max(float(q.abs().max()), 1e-12) for p, q in zip(a, b)]
+
+    with call_queue.queue_lock:
+        networks.loaded_networks.clear()
+        base_host, base_ours = host(), ours()
+        oc, layers = _openclip_text_encoder(sd)
+        out = {"base": diff(base_ours, base_host), "te_layers": layers, "te_blocks": len(oc.transformer.resblocks)}
+        if name:
+            path = networks.available_networks[name].filename
+            targets = ldm_unet_lora_targets(sd.model.diffusion_model, False) + openclip_text_targets(oc, "lora_te", layers)
+            net, unmatched = network_from_file(path, targets)
+            net.to(devices.device)
+            net.attach()
+            try:
+                lora_ours = ours()
+            finally:
+                net.detach()
+            networks.load_networks([name], [1.0], [1.0], [None])
+            try:
+                lora_host = host()
+            finally:
+                networks.loaded_networks.clear()
+                host()  # the host's patched layers put the clean weights back
+            out.update(
+                unmatched=unmatched,
+                modules=len(net.loras),
+                lora=diff(lora_ours, lora_host),
+                lora_effect=diff(lora_ours, base_ours),
+                after=diff(host(), base_host),
+            )
+        return out
+
+
+script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_trainer_trial/sd2_probe", probe, methods=["GET"]))
+"""
+
+
+def build_sd2_checkpoint(models_dir: Path, name: str = "tiny_sd2") -> Path:
+    """``models_dir/Stable-diffusion/<name>.safetensors`` in A1111's SD2 layout (ldm UNet with linear
+    projections, OpenCLIP text tower with fused q/k/v under ``cond_stage_model.model.``) + ``<name>.yaml``
+    (v-prediction), the tiny OpenCLIP architecture for the helper extension's preload, and the probe route.
+    Deterministic (seeded)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_trainer.model.ldm_names import to_a1111_checkpoint
+    from lora_trainer.model.sdxl import openclip_from_hf_state_dict
+
+    width = OPENCLIP_SD2_TEXT["width"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**UNET, "cross_attention_dim": width, "attention_head_dim": [2, 4], "use_linear_projection": True})
+    vae = AutoencoderKL(**VAE)
+    te = CLIPTextModel(  # the OpenCLIP tower as HF names it (gelu, open_clip's BPE ids), all three blocks
+        CLIPTextConfig(
+            vocab_size=OPENCLIP_SD2_TEXT["vocab_size"],
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=OPENCLIP_SD2_TEXT["layers"],
+            num_attention_heads=OPENCLIP_SD2_TEXT["heads"],
+            max_position_embeddings=OPENCLIP_SD2_TEXT["context_length"],
+            hidden_act="gelu",
+            projection_dim=width,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    )
+    with torch.no_grad():
+        te.text_model.final_layer_norm.bias.fill_(1.0)  # "Original" emphasis divides by the mean (see build_checkpoint)
+    state = to_a1111_checkpoint(unet.state_dict(), vae.state_dict(), {}, dict(unet.config), dict(vae.config))
+    state.update(openclip_from_hf_state_dict({**te.state_dict(), "text_projection.weight": torch.eye(width)}, prefix="cond_stage_model.model."))
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    ckpt_dir = models_dir / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"{name}.safetensors"
+    save_file(state, str(ckpt))
+    ckpt.with_suffix(".yaml").write_text(SD2_CKPT_YAML.format(context_dim=width, arch=OPENCLIP_SD2_ARCH))
+    ext = models_dir.parent / "extensions" / "lora_trainer_trial_helpers"
+    (ext / "scripts").mkdir(parents=True, exist_ok=True)
+    (ext / "scripts" / "lora_trainer_trial_probe_sd2.py").write_text(SD2_PROBE)
+    config = {"embed_dim": width, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16}, "text_cfg": OPENCLIP_SD2_TEXT}
+    (ext / f"{OPENCLIP_SD2_ARCH}.json").write_text(json.dumps(config, indent=1))
+    (ext / "preload.py").write_text(PRELOAD)
+    return ckpt
+
+
+# A route of the test-only extension: the host's --medvram switched on the way the host does it (the flag,
+# then sd_models.load_model, which runs lowvram.apply -> setup_for_low_vram on the fresh model), the --lowvram
+# flag set or cleared, and what its offloading looks like (every forward pre-hook, in order; module_in_gpu).
+OFFLOAD_PROBE = """\
+from modules import script_callbacks
+
+
+def offload(mode: str = "status"):
+    from modules import call_queue, lowvram, sd_models, shared
+
+    with call_queue.queue_lock:
+        if mode == "medvram":
+            shared.cmd_opts.medvram = True
+            sd_models.load_model()
+        elif mode in ("lowvram_on", "lowvram_off"):
+            shared.cmd_opts.lowvram = mode == "lowvram_on"
+        sd = shared.sd_model
+        return {
+            "lowvram": bool(getattr(sd, "lowvram", False)),
+            "module_in_gpu": None if lowvram.module_in_gpu is None else type(lowvram.module_in_gpu).__name__,
+            "unet_hooks": [getattr(fn, "__qualname__", "?") for fn in sd.model._forward_pre_hooks.values()],
+            "pre_hooks": [[id(fn) for fn in m._forward_pre_hooks.values()] for m in sd.modules()],
+            "lowvram_hooks": sum(
+                getattr(fn, "__module__", "") == "modules.lowvram" for m in sd.modules() for fn in m._forward_pre_hooks.values()
+            ),
+        }
+
+
+script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_trainer_trial/offload", offload, methods=["GET"]))
+"""
 
 
 # --------------------------------------------------------------------------- the server
@@ -548,6 +796,8 @@ def a1111(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("a1111_data")
     ckpt = build_checkpoint(data_dir / "models")
     state["sdxl_ckpt"] = build_sdxl_checkpoint(data_dir / "models")  # loaded by the SDXL tests at the end
+    state["sd2_ckpt"] = build_sd2_checkpoint(data_dir / "models")  # and then by the SD2 tests
+    (data_dir / "extensions" / "lora_trainer_trial_helpers" / "scripts" / "lora_trainer_trial_offload.py").write_text(OFFLOAD_PROBE)
     # the extension as a user's clone has it, linked entry by entry: without .git (a clone with no
     # 'origin' remote makes A1111 print a traceback) and without the virtual environment
     ext = data_dir / "extensions" / "lora_trainer"
@@ -999,3 +1249,173 @@ def test_sdxl_idle_at_the_end(a1111):
     assert "Traceback" not in log, "the WebUI log has a traceback"
     unmatched = [ln for ln in log.splitlines() if "didn't match keys" in ln and "trial_bogus_key" not in ln]
     assert not unmatched, f"the WebUI's Lora extension left keys unmatched: {unmatched}"
+
+
+# --------------------------------------------------------------------------- SD2
+
+
+def test_sd2_train_through_rest_and_generate(a1111, tmp_path_factory):
+    """The tiny SD2 (ldm LatentDiffusion, v-prediction, FrozenOpenCLIPEmbedder penultimate: fused q/k/v)
+    loaded through the checkpoint option; 2 epochs through /train with the text encoder and the grid; SD2
+    metadata (clip_skip 1: A1111 ignores Clip skip for SD2), diffusers-style UNet names and ``lora_te_`` q/k/v
+    keys for the two blocks the host runs, every key matched by the host's Lora extension; te q/k/v alone
+    change the image (folded into the fused ``in_proj``); without a LoRA the image is bit-identical; in the
+    host, our conditioning and UNet output equal the host's, with the LoRA too."""
+    from lora_trainer.network.save import save_lora_file
+
+    ckpt = state["sd2_ckpt"]
+    t0 = time.monotonic()
+    a1111.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": ckpt.name}, timeout=START_TIMEOUT)
+    loaded = a1111.ok("GET", "/sdapi/v1/options").get("sd_model_checkpoint", "")
+    assert loaded.startswith(ckpt.name), f"the SD2 checkpoint is not loaded: {loaded}\n{a1111.log_tail()}"
+    print(f"\nSD2 checkpoint loaded in {time.monotonic() - t0:.1f} s")
+    clip_skip = a1111.ok("GET", "/sdapi/v1/options").get("CLIP_stop_at_last_layers")
+    prompt = "ohwx ring, blue background"
+    before = _txt2img(a1111, prompt)
+
+    log_mark = len(a1111.log_text())
+    name = "trial_sd2"
+    cfg = {
+        "train_data_dir": str(make_demo_dataset_once(tmp_path_factory)),
+        "output_name": name,
+        "resolution": 64,
+        "network_dim": 4,
+        "network_alpha": 4,
+        "max_train_epochs": 2,
+        "unet_lr": 1e-2,
+        "text_encoder_lr": 1e-2,
+        "lr_scheduler": "constant",
+        "seed": 1,
+        "clip_skip": 2,  # not used for SD2: said so, recorded as 1, the host's option untouched
+        "grid_weights": "0, 1",
+        "grid_steps": 2,
+    }
+    t0 = time.monotonic()
+    assert a1111.ok("POST", "/lora_trainer/v1/train", cfg).get("started") is True
+    st = _wait_until_idle(a1111, name, TRAIN_TIMEOUT)
+    print(f"SD2 training + grid: {time.monotonic() - t0:.1f} s; messages: {st['messages']}")
+    assert st["error"] in (None, ""), f"training failed: {st['error']}\n{st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
+    assert st["state"] == "done" and st["step"] == st["total_steps"] == 16 and st["epoch"] == 2, st
+    assert st["grid"]["total"] == 4 and st["grid"]["done"] == 4, st["grid"]
+    assert any("SD2: clip_skip is not used" in m for m in st["messages"]), st["messages"]
+    assert not any("cannot take" in m for m in st["messages"]), st["messages"]
+    files = [Path(f["path"]) for f in st["files"]]
+    assert [f.name for f in files] == [f"{name}-000001.safetensors", f"{name}.safetensors"], st["files"]
+
+    tensors, meta = _lora_file(files[-1])
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True", meta.get("ss_base_model_version")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and meta["ss_clip_skip"] == "1"
+    stems = {k.split(".")[0] for k in tensors}
+    te = {s for s in stems if s.startswith("lora_te_")}
+    run_layers = OPENCLIP_SD2_TEXT["layers"] - 1
+    assert len(te) == 6 * run_layers, sorted(te)
+    for layer in range(run_layers):
+        for part in ("q", "k", "v", "out"):
+            up = tensors[f"lora_te_text_model_encoder_layers_{layer}_self_attn_{part}_proj.lora_up.weight"]
+            assert up.shape == (OPENCLIP_SD2_TEXT["width"], 4) and up.abs().sum() > 0, f"te layer {layer} {part} learned nothing"
+    unet = {s for s in stems if s.startswith("lora_unet_")}
+    assert unet and all(s.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for s in unet)
+    loras = {item["name"]: item for item in a1111.ok("GET", "/sdapi/v1/loras")}
+    for f in files:
+        assert f.stem in loras, f"{f.stem} is not in /sdapi/v1/loras"
+        assert (loras[f.stem].get("metadata") or {}).get("ss_base_model_version") == "sd_v2_v"
+
+    with_lora = _txt2img(a1111, f"{prompt} <lora:{name}:1>")
+    # the text encoder's attention only (with out_proj zeroed: the host folds q/k/v into in_proj only when
+    # out_proj is there too)
+    qkv = {k: v for k, v in tensors.items() if k.startswith("lora_te_") and "_self_attn_" in k}
+    for k in qkv:
+        if "_out_proj." in k and k.endswith("lora_up.weight"):
+            qkv[k] = qkv[k] * 0
+    save_lora_file(files[-1].with_name(f"{name}_teqkv.safetensors"), qkv, {**meta, "ss_output_name": f"{name}_teqkv"})
+    a1111.ok("POST", "/sdapi/v1/refresh-loras")
+    te_only = _txt2img(a1111, f"{prompt} <lora:{name}_teqkv:4>")
+    after = _txt2img(a1111, prompt)
+    new_log = a1111.log_text()[log_mark:]
+    for bad in ("didn't match keys", f"Network {name}", "Couldn't find network", "Traceback"):
+        assert bad not in new_log, f"the WebUI said {bad!r}:\n{new_log[-3000:]}"
+    assert with_lora != before, "<lora:...:1> did not change the SD2 image"
+    assert te_only != before, "the text encoder's q/k/v did not change the image: the host did not apply them to the fused in_proj"
+    assert after == before, f"the SD2 image without a LoRA changed after training ({_digest(before)} -> {_digest(after)})"
+    assert a1111.ok("GET", "/sdapi/v1/options").get("CLIP_stop_at_last_layers") == clip_skip
+
+    probe = a1111.ok("GET", f"/lora_trainer_trial/sd2_probe?name={name}")
+    print("SD2 probe (relative max differences: conditioning, UNet output):", probe)
+    assert probe["te_blocks"] == OPENCLIP_SD2_TEXT["layers"] and probe["te_layers"] == run_layers, probe
+    assert max(probe["base"]) == 0, probe  # the same host code path
+    assert probe["unmatched"] == [] and probe["modules"] == len(stems), probe
+    assert min(probe["lora_effect"]) > 1e-4, probe
+    assert max(probe["lora"]) < 1e-4, probe  # the host's merged weights (q/k/v folded into in_proj) == our hooks / fused path
+    assert max(probe["after"]) == 0, probe
+    state["sd2_status"] = st
+
+
+def test_sd2_idle_at_the_end(a1111):
+    assert "sd2_status" in state, "the SD2 training test did not run"
+    prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+    job = prog.get("state", {})
+    assert prog.get("progress", 0) == 0 and not job.get("job"), prog
+    assert a1111.ok("GET", "/lora_trainer/v1/status")["running"] is False
+    log = a1111.log_text()
+    assert "Traceback" not in log, "the WebUI log has a traceback"
+    unmatched = [ln for ln in log.splitlines() if "didn't match keys" in ln and "trial_bogus_key" not in ln]
+    assert not unmatched, f"the WebUI's Lora extension left keys unmatched: {unmatched}"
+
+
+# --------------------------------------------------------------------------- --medvram / --lowvram (last: it reloads the model)
+
+
+def test_medvram_in_the_host(a1111, tmp_path_factory):
+    """The host's own --medvram (its lowvram hooks on the SD2 model, on CPU, where its moves are no-ops but
+    its bookkeeping is real): a run with the text encoder trains every adapter, and afterwards every forward
+    pre-hook is back in its place and order, ``module_in_gpu`` is as before and the image is bit-identical.
+    With --lowvram the run is refused, naming the flag, and nothing changes."""
+    assert "sd2_status" in state, "the SD2 training test did not run"
+    status = a1111.ok("GET", "/lora_trainer_trial/offload?mode=medvram", timeout=START_TIMEOUT)
+    assert status["lowvram"] and status["unet_hooks"] and status["unet_hooks"][-1].endswith("send_me_to_gpu"), status
+    prompt = "ohwx ring, blue background"
+    before = _txt2img(a1111, prompt)
+    before_status = a1111.ok("GET", "/lora_trainer_trial/offload")
+    name = "trial_medvram"
+    cfg = {
+        "train_data_dir": str(make_demo_dataset_once(tmp_path_factory)),
+        "output_name": name,
+        "resolution": 64,
+        "network_dim": 4,
+        "max_train_epochs": 1,
+        "unet_lr": 1e-2,
+        "text_encoder_lr": 1e-2,
+        "lr_scheduler": "constant",
+        "seed": 1,
+        "grid_after_training": False,
+    }
+    assert a1111.ok("POST", "/lora_trainer/v1/train", cfg).get("started") is True
+    st = _wait_until_idle(a1111, name, TRAIN_TIMEOUT)
+    assert st["error"] in (None, ""), f"training failed: {st['error']}\n{st['messages']}\n--- WebUI log ---\n{a1111.log_tail()}"
+    assert st["state"] == "done" and st["step"] == st["total_steps"] == 8, st
+    assert any("--medvram" in m for m in st["messages"]), st["messages"]
+    tensors, _ = _lora_file(Path(st["files"][-1]["path"]))
+    dead = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0]
+    assert not dead and any(k.startswith("lora_te_") for k in tensors), dead[:3]
+    after_status = a1111.ok("GET", "/lora_trainer_trial/offload")
+    print(
+        f"\n--medvram: {before_status['lowvram_hooks']} lowvram hooks, on sd_model.model {before_status['unet_hooks']}, "
+        f"module_in_gpu {before_status['module_in_gpu']} -> after training {after_status['lowvram_hooks']} hooks, "
+        f"module_in_gpu {after_status['module_in_gpu']}; messages: {st['messages'][:2]}"
+    )
+    assert after_status == before_status, (before_status["unet_hooks"], after_status["unet_hooks"])
+    assert _txt2img(a1111, prompt) == before, "the image without a LoRA changed after a --medvram training"
+
+    a1111.ok("GET", "/lora_trainer_trial/offload?mode=lowvram_on")
+    try:
+        assert a1111.ok("POST", "/lora_trainer/v1/train", {**cfg, "output_name": "trial_lowvram"}).get("started") is True
+        st = _wait_until_idle(a1111, "trial_lowvram", TRAIN_TIMEOUT)
+    finally:
+        a1111.ok("GET", "/lora_trainer_trial/offload?mode=lowvram_off")
+    assert st["state"] == "failed" and "--lowvram" in (st["error"] or "") and "--medvram" in st["error"], st
+    assert not st["files"], st["files"]
+    assert a1111.ok("GET", "/lora_trainer_trial/offload") == before_status
+    assert _txt2img(a1111, prompt) == before
+    prog = a1111.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+    assert prog.get("progress", 0) == 0 and not prog.get("state", {}).get("job"), prog
+    assert "Traceback" not in a1111.log_text(), "the WebUI log has a traceback"
