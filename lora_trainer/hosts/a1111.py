@@ -326,8 +326,9 @@ class _Offloading:
     run (:meth:`pin`) the UNet is moved in by its own host hook, is not left as ``module_in_gpu`` (no later
     hook sends it back), and its hook is taken off. The text encoder and the VAE keep theirs and are moved
     by the host as in a generation: the text encoder's fire inside the host's wrapper (SD1, SD2); where we
-    call past the hooked module (SDXL's embedders, sgm's VAE encoder) :func:`_host_move_in` fires them first. Within
-    a step nothing moves the text encoder out between its forward and the backward. :meth:`release` puts
+    call past the hooked module (SDXL's embedders, sgm's VAE encoder) :func:`_host_move_in` fires them
+    first. Within a step nothing moves the text encoder out between its forward and the backward (the VAE
+    encodes before it, for latents that are not cached). :meth:`release` puts
     the hook back, has the host send the parts to the CPU, and moves in again the part that was in before:
     the placement is as it was. :meth:`suspended` gives the host its own placement for a generation in the
     middle of the run (a grid column)."""
@@ -353,9 +354,6 @@ class _Offloading:
                 "--medvram-sdxl to train."
             )
         return cls(lowvram, roots)
-
-    def _hooks(self, module: nn.Module) -> list[Any]:
-        return [fn for fn in module._forward_pre_hooks.values() if _is_lowvram_hook(fn, self.lowvram)]
 
     def pin(self) -> None:
         lv = self.lowvram
