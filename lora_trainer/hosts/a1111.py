@@ -35,7 +35,6 @@ import importlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import ConfigError, LoraTrainerError
+from ..errors import LoraTrainerError
 from ..model.bundle import ModelBundle
 from ..model.ldm import checkpoint_ldm_unet_blocks
 from ..model.sdxl import SDXLCond, time_ids_from_sizes
@@ -59,6 +58,7 @@ from ..network.targets import (
 )
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
+from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, webui_lora_dir
 
 log = logging.getLogger("lora_trainer")
 
@@ -656,31 +656,10 @@ class A1111Host:
     # -- files ---------------------------------------------------------------------
     def lora_dir(self, cfg: TrainConfig | None = None) -> Path:
         """The host's LoRA folder (``--lora-dir``, default models/Lora), plus the sub-folder from the settings."""
-        shared = _shared()
-        base = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
-        if not base:
-            base = os.path.join(getattr(shared, "models_path", "models"), "Lora")
-        base_path = Path(base)
-        sub = str(getattr(getattr(shared, "opts", None), "lora_trainer_subfolder", "") or "").strip().strip("/\\")
-        if not sub:
-            return base_path
-        target = (base_path / sub).resolve()
-        root = base_path.resolve()
-        if Path(sub).is_absolute() or ".." in Path(sub).parts or (target != root and root not in target.parents):
-            raise ConfigError(
-                "lora_trainer_subfolder", sub, f"a sub-folder inside {root} (Settings > LoRA Trainer), without '..'"
-            )
-        return base_path / sub
+        return webui_lora_dir(_shared())
 
     def refresh_loras(self) -> None:
-        networks = _networks_module()
-        fn = getattr(networks, "list_available_networks", None)
-        if fn is None:
-            return
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - a failed rescan must not fail a training
-            log.warning("refreshing the WebUI's LoRA list failed: %s", e)
+        rescan_loras(_networks_module())
 
     # -- a run -----------------------------------------------------------------------
     def run(self, cfg: TrainConfig, events: EventBus, stop: StopControl) -> None:
@@ -699,7 +678,7 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
 
         lock = call_queue.queue_lock
-        if not _acquire_queue_lock(lock, events, stop):
+        if not acquire_queue_lock(lock, events, stop):
             return
         try:
             result = self._run_locked(cfg, scan, events, stop, shared, train)
@@ -717,25 +696,9 @@ class A1111Host:
             lock.release()
 
     def build_grid(self, cfg: TrainConfig, files: list[str], events: EventBus, stop: StopControl) -> None:
-        """The "Build grid" button: saved LoRA files x ``cfg.grid_weights`` through the host's txt2img,
-        with generation locked out as for a training."""
-        from modules import call_queue
-
-        from ..grid import grid_of_files
-
-        shared = _shared()
+        """The "Build grid" button, through the host's txt2img."""
         _loaded_model()
-        lock = call_queue.queue_lock
-        if not _acquire_queue_lock(lock, events, stop):
-            return
-        state = shared.state
-        state.begin(job="LoRA grid")
-        try:
-            self.refresh_loras()  # files copied in since the last scan
-            grid_of_files(cfg, files, A1111Generator(), events, stop)
-        finally:
-            state.end()
-            lock.release()
+        build_grid_locked(_shared(), cfg, files, events, stop, A1111Generator(), self.refresh_loras)
 
     def _grid(self, cfg: TrainConfig, result, scan, events: EventBus, stop: StopControl, shared) -> None:
         """The epochs x weights grid through the host's own txt2img (``<lora:file:w>`` in the prompt,
@@ -849,20 +812,6 @@ class A1111Host:
         finally:
             mirror.active = False
             state.end()
-
-
-def _acquire_queue_lock(lock: Any, events: EventBus, stop: StopControl) -> bool:
-    """Take the host's queue lock; False when Stop came first. The host's FIFOLock takes no
-    timeout: poll, so that Stop still works while a generation runs."""
-    if lock.acquire(blocking=False):
-        return True
-    events.info("waiting for the WebUI to finish the current generation")
-    while not lock.acquire(blocking=False):
-        time.sleep(0.2)
-        if stop.requested:
-            events.info("stopped before it began")
-            return False
-    return True
 
 
 class A1111Generator:

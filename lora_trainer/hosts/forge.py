@@ -31,7 +31,6 @@ import contextlib
 import inspect
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import ConfigError, LoraTrainerError
+from ..errors import LoraTrainerError
 from ..model.bundle import ModelBundle
 from ..model.ldm import checkpoint_ldm_unet_blocks, ldm_unet_blocks
 from ..model.sdxl import SDXLCond, time_ids_from_sizes
@@ -62,11 +61,11 @@ from ..train.events import (
     TrainingStarted,
 )
 from ..train.runtime import Runtime
+from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, webui_lora_dir
 
 log = logging.getLogger("lora_trainer")
 
 JOB_NAME = "lora_trainer"
-SUBFOLDER_OPTION = "lora_trainer_subfolder"
 TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 _TEXT_ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 
@@ -416,21 +415,7 @@ class ForgeHost:
     # -- files ----------------------------------------------------------------------------
     def lora_dir(self, cfg: TrainConfig | None = None) -> Path:
         """Forge's LoRA folder (``--lora-dir``, default models/Lora), plus the settings' sub-folder."""
-        shared = _shared()
-        base = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
-        if not base:
-            base = str(Path(getattr(shared, "models_path", "models")) / "Lora")
-        base_path = Path(base)
-        sub = str(getattr(getattr(shared, "opts", None), SUBFOLDER_OPTION, "") or "").strip().strip("/\\")
-        if not sub:
-            return base_path
-        root = base_path.resolve()
-        target = (base_path / sub).resolve()
-        if Path(sub).is_absolute() or ".." in Path(sub).parts or (target != root and root not in target.parents):
-            raise ConfigError(
-                SUBFOLDER_OPTION, sub, f"a sub-folder inside {root} (Settings > LoRA Trainer), without '..'"
-            )
-        return base_path / sub
+        return webui_lora_dir(_shared())
 
     def refresh_loras(self) -> None:
         """Rescan the LoRA folder (Forge's built-in Lora extension), if it is loaded."""
@@ -438,13 +423,7 @@ class ForgeHost:
             import networks  # extensions-builtin/sd_forge_lora, on sys.path in Forge
         except ImportError:
             return
-        fn = getattr(networks, "list_available_networks", None)
-        if fn is None:
-            return
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - a failed rescan must not fail a training
-            log.warning("refreshing Forge's LoRA list failed: %s", e)
+        rescan_loras(networks)
 
     # -- the model ------------------------------------------------------------------------
     def loaded_model(self, reload: bool = True) -> Any:
@@ -680,7 +659,7 @@ class ForgeHost:
         folder.mkdir(parents=True, exist_ok=True)
 
         lock = call_queue.queue_lock
-        if not _acquire_queue_lock(lock, events, stop):
+        if not acquire_queue_lock(lock, events, stop):
             return
         try:
             result = self._run_locked(cfg, scan, events, stop, shared, train)
@@ -698,24 +677,8 @@ class ForgeHost:
             lock.release()
 
     def build_grid(self, cfg: TrainConfig, files: list[str], events: EventBus, stop: StopControl) -> None:
-        """The "Build grid" button: saved LoRA files x ``cfg.grid_weights`` through Forge's txt2img,
-        with generation locked out as for a training."""
-        from modules import call_queue
-
-        from ..grid import grid_of_files
-
-        shared = _shared()
-        lock = call_queue.queue_lock
-        if not _acquire_queue_lock(lock, events, stop):
-            return
-        state = shared.state
-        state.begin(job="LoRA grid")
-        try:
-            self.refresh_loras()  # files copied in since the last scan
-            grid_of_files(cfg, files, ForgeGenerator(), events, stop)
-        finally:
-            state.end()
-            lock.release()
+        """The "Build grid" button, through Forge's txt2img."""
+        build_grid_locked(_shared(), cfg, files, events, stop, ForgeGenerator(), self.refresh_loras)
 
     def _grid(self, cfg: TrainConfig, result: Any, scan: Any, events: EventBus, stop: StopControl, shared: Any) -> None:
         """The epochs x weights grid through Forge's txt2img (``<lora:file:w>`` in the prompt, the code
@@ -792,20 +755,6 @@ class ForgeHost:
 def _trigger(scan: Any) -> str:
     subsets = getattr(scan, "subsets", None)
     return (subsets[0].name.split() or [""])[0] if subsets else ""
-
-
-def _acquire_queue_lock(lock: Any, events: EventBus, stop: StopControl) -> bool:
-    """Take Forge's queue lock; False when Stop came first. Its FIFOLock takes no timeout: poll, so
-    that Stop still works while a generation runs."""
-    if lock.acquire(False):
-        return True
-    events.info("waiting for Forge to finish the current generation")
-    while not lock.acquire(False):
-        if stop.requested:
-            events.info("stopped before it began")
-            return False
-        time.sleep(0.2)
-    return True
 
 
 class ForgeGenerator:
