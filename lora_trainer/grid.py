@@ -224,7 +224,8 @@ def build_grid(
     grid = draw_grid(rows, labels, row_labels, title=title)
     result = GridResult(grid, cells, images, stopped=stopped)
     if out_path is not None:
-        result.path = save_grid(grid, out_path, spec)
+        infotexts = [str(getattr(im, "info", {}).get("parameters", "")) for im in images]
+        result.path = save_grid(grid, out_path, spec, infotexts if any(infotexts) else None)
     return result
 
 
@@ -234,13 +235,17 @@ def grid_parameters(spec: GridSpec) -> dict:
     return d
 
 
-def save_grid(image: Image.Image, path: str | Path, spec: GridSpec) -> Path:
-    """PNG with its parameters in the PNG text (``lora_trainer_grid`` as JSON, ``parameters`` as text)."""
+def save_grid(image: Image.Image, path: str | Path, spec: GridSpec, cell_infotexts: list[str] | None = None) -> Path:
+    """PNG with its parameters in the PNG text (``lora_trainer_grid`` as JSON, ``parameters`` as text)
+    and, when the cells came from a WebUI's txt2img, each cell's infotext as the WebUI wrote it
+    (``lora_trainer_cells``, JSON, row-major like the cells: the "Lora hashes" of each file)."""
     from .network.save import atomic_write_bytes
 
     info = PngInfo()
     params = grid_parameters(spec)
     info.add_text("lora_trainer_grid", json.dumps(params))
+    if cell_infotexts:
+        info.add_text("lora_trainer_cells", json.dumps(cell_infotexts))
     info.add_text(
         "parameters",
         f"{spec.prompt}\nNegative prompt: {spec.negative_prompt}\nSteps: {spec.steps}, Sampler: {spec.sampler_name}, "

@@ -3,6 +3,7 @@ generation locked out, and a new grid file each time (fake WebUI of test_host_a1
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import types
@@ -32,7 +33,11 @@ def txt2img(host_env, monkeypatch):  # noqa: F811 - the imported fixture
         assert host_env.shared.state.job == "LoRA grid"
         calls.append(p.kw)
         shade = int(255 * float(p.kw["prompt"].rsplit(":", 1)[1].rstrip(">")))
-        return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (shade, 0, 0))])
+        name = p.kw["prompt"].rsplit("<lora:", 1)[1].split(":")[0]
+        return SimpleNamespace(
+            images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (shade, 0, 0))],
+            infotexts=[f'{p.kw["prompt"]}\nSteps: {p.kw["steps"]}, Seed: {p.kw["seed"]}, Lora hashes: "{name}: 0123abcd"'],
+        )
 
     processing.StableDiffusionProcessingTxt2Img = P
     processing.process_images = process_images
@@ -58,6 +63,11 @@ def test_build_grid_of_chosen_files_through_the_hosts_txt2img(host_env, cfg, txt
     assert not host_env.call_queue.queue_lock.locked()
     assert saved == [str(host_env.lora_dir / "t_grid.png")]
     assert [c["epoch"] for c in read_grid_parameters(saved[0])["columns"]] == [1]
+    # each cell's infotext as the host wrote it, in cell order: the host's LoRA hashes are on record
+    with Image.open(saved[0]) as im:
+        cells = json.loads(im.text["lora_trainer_cells"])
+    assert [c.split("\n")[0] for c in cells] == ["ohwx ring, <lora:t-000001:0>", "ohwx ring, <lora:t-000001:1>"]
+    assert all('Lora hashes: "t-000001: 0123abcd"' in c for c in cells)
     # again, with both files: a new grid next to the first
     host.build_grid(cfg, [first, str(host_env.lora_dir / "t.safetensors")], EventBus(
         lambda e: saved.append(e.path) if isinstance(e, GridSaved) else None), StopControl())

@@ -58,7 +58,7 @@ from ..network.targets import (
 )
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
-from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, webui_lora_dir
+from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, txt2img_cell, webui_lora_dir
 
 log = logging.getLogger("lora_trainer")
 
@@ -819,26 +819,7 @@ class A1111Generator:
     The caller holds the queue lock; the training LoRA's hooks are already removed."""
 
     def __call__(self, cell):
-        from contextlib import closing
-
-        from modules import processing, shared
-
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model,
-            prompt=cell.prompt_with_lora(),
-            negative_prompt=cell.negative_prompt,
-            seed=cell.seed,
-            steps=cell.steps,
-            cfg_scale=cell.cfg_scale,
-            width=cell.width,
-            height=cell.height,
-            sampler_name=cell.sampler_name,
-            do_not_save_samples=True,
-            do_not_save_grid=True,
-        )
-        with closing(p):
-            processed = processing.process_images(p)
-        return processed.images[0]
+        return txt2img_cell(cell)
 
 
 def _encode_sgm_vae(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator | None, scale: float) -> torch.Tensor:

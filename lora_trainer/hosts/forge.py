@@ -61,7 +61,7 @@ from ..train.events import (
     TrainingStarted,
 )
 from ..train.runtime import Runtime
-from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, webui_lora_dir
+from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, txt2img_cell, webui_lora_dir
 
 log = logging.getLogger("lora_trainer")
 
@@ -764,29 +764,8 @@ class ForgeGenerator:
 
     def __call__(self, cell: Any) -> Any:
         def generate() -> Any:
-            from contextlib import closing
-
-            from modules import processing, shared
-
-            p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=shared.sd_model,
-                prompt=cell.prompt_with_lora(),
-                negative_prompt=cell.negative_prompt,
-                seed=cell.seed,
-                steps=cell.steps,
-                cfg_scale=cell.cfg_scale,
-                width=cell.width,
-                height=cell.height,
-                sampler_name=cell.sampler_name,
-                scheduler="Automatic",  # a scheduler in the sampler's name still wins (Forge parses it)
-                do_not_save_samples=True,
-                do_not_save_grid=True,
-            )
-            with closing(p):
-                processed = processing.process_images(p)
-            if not processed.images:
-                raise LoraTrainerError(f"Forge's txt2img gave no image for {cell.tag()}")
-            return processed.images[0]
+            # a scheduler in the sampler's name still wins over "Automatic" (Forge parses it)
+            return txt2img_cell(cell, scheduler="Automatic")
 
         return _on_forge_main_thread(generate)
 

@@ -88,3 +88,38 @@ def build_grid_locked(
     finally:
         state.end()
         lock.release()
+
+
+def txt2img_cell(cell: Any, **extra: Any) -> Any:
+    """One grid cell through the WebUI's ``modules.processing``, as its txt2img tab does it
+    (``<lora:file:w>`` in the prompt). The picture keeps the host's infotext in
+    ``image.info["parameters"]`` (with its "Lora hashes"), which the grid PNG records per cell."""
+    from contextlib import closing
+
+    from modules import processing, shared
+
+    from ..errors import LoraTrainerError
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model,
+        prompt=cell.prompt_with_lora(),
+        negative_prompt=cell.negative_prompt,
+        seed=cell.seed,
+        steps=cell.steps,
+        cfg_scale=cell.cfg_scale,
+        width=cell.width,
+        height=cell.height,
+        sampler_name=cell.sampler_name,
+        do_not_save_samples=True,
+        do_not_save_grid=True,
+        **extra,
+    )
+    with closing(p):
+        processed = processing.process_images(p)
+    if not getattr(processed, "images", None):
+        raise LoraTrainerError(f"the WebUI's txt2img gave no image for {cell.tag()}")
+    image = processed.images[0]
+    infotexts = getattr(processed, "infotexts", None) or []
+    if infotexts and hasattr(image, "info"):
+        image.info["parameters"] = str(infotexts[0])
+    return image
