@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,17 +13,25 @@ from safetensors import safe_open
 
 from lora_trainer.dataset import load_image
 from lora_trainer.dataset.buckets import (
+    BucketPlan,
+    ImagePlan,
+    batches_per_process,
     choose_bucket,
     cover_geometry,
+    epoch_order,
     image_size,
     load_cropped,
     make_buckets,
+    padding_batches,
     plan_buckets,
+    shard_batches,
+    sharing_rule,
     square_geometry,
 )
 from lora_trainer.model.sd import make_sd_bundle
 from lora_trainer.train.events import EventBus, Message, StepEvent, TrainingStarted
-from lora_trainer.train.loop import train
+from lora_trainer.train.loop import plan, train
+from lora_trainer.train.runtime import Runtime
 
 SIZES = {"wide": (128, 64), "tall": (64, 128), "square": (64, 64), "wideish": (96, 64), "odd": (70, 50), "big": (200, 100)}
 
@@ -175,3 +184,193 @@ def test_bucket_settings_that_leave_no_bucket_are_refused(tiny_config):
     cfg.min_bucket_reso, cfg.max_bucket_reso = 512, 256
     with pytest.raises(ConfigError, match="min_bucket_reso"):
         preflight(cfg)
+
+
+# ---------------------------------------------------------------- several processes: sharing the bucket batches
+
+
+def _mixed_plan(n: int = 9) -> BucketPlan:
+    """n fake images in three buckets."""
+    shapes = [(96, 32), (64, 64), (32, 96)]
+    return BucketPlan(True, [ImagePlan(None, shapes[i % 3] if i % 4 else (64, 64), (0,) * 6, 0.0) for i in range(n)])
+
+
+@pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (5, 3), (10, 4), (9, 4), (1, 3), (2, 4), (3, 1), (0, 2)])
+def test_shard_batches_disjoint_equal_and_covering(n, world):
+    """Every process gets ceil(n / world) batches; together they train every batch once, plus the
+    documented padding: the first batches of the epoch's plan again, in the last round."""
+    batches = [[i] for i in range(n)]
+    shares = [shard_batches(batches, r, world) for r in range(world)]
+    per = batches_per_process(n, world)
+    assert per == math.ceil(n / world)
+    assert [len(s) for s in shares] == [per] * world  # equal optimizer steps: no process waits on an all-reduce alone
+    pad = padding_batches(n, world)
+    assert pad == per * world - n and (pad < world or n == 0)
+    # dealt round by round, process by process: the plan in order, then its first `pad` batches again
+    dealt = [b for rnd in range(per) for s in shares for b in s[rnd : rnd + 1]]
+    assert dealt == (batches * (pad // max(n, 1) + 2))[: n + pad]
+    before_last = [b[0] for s in shares for b in s[:-1]]
+    assert len(before_last) == len(set(before_last))  # disjoint before the last round
+    if n >= world:  # the repeats are only the padding: every batch once, the first `pad` batches twice
+        counts = {i: sum(b == [i] for s in shares for b in s) for i in range(n)}
+        assert counts == {i: 2 if i < pad else 1 for i in range(n)}
+    assert shard_batches(batches, 0, 1) == batches
+
+
+def test_shard_batches_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError):
+        shard_batches([[0], [1]], 2, 2)
+
+
+def test_epoch_plan_is_the_same_on_every_process_and_new_every_epoch():
+    """The order is seeded by seed and epoch only; the shares of the bucket batches of one epoch
+    cover them, never mix buckets, and are computed again identically."""
+    plan_ = _mixed_plan(9)
+    samples = [i for i in range(9) for _ in range(2)]  # 2 repeats
+    world, bs = 2, 2
+    plans = []
+    for epoch in (1, 2, 3):
+        order = epoch_order(samples, seed=5, epoch=epoch)
+        assert order == epoch_order(samples, seed=5, epoch=epoch) and sorted(order) == samples
+        full = plan_.batches(order, bs)
+        plans.append(full)
+        assert len(full) == plan_.num_batches({i: 2 for i in range(9)}, bs)
+        shares = [plan_.epoch_batches(order, bs, r, world) for r in range(world)]
+        assert shares == [plan_.epoch_batches(list(order), bs, r, world) for r in range(world)]  # deterministic
+        assert {len(s) for s in shares} == {batches_per_process(len(full), world)}
+        pad = padding_batches(len(full), world)
+        assert sorted(map(tuple, shares[0] + shares[1])) == sorted(map(tuple, full + full[:pad]))
+        for b in shares[0] + shares[1]:
+            assert len({plan_.images[i].bucket for i in b}) == 1
+        assert plan_.epoch_batches(order, bs) == full  # one process: the whole plan, as before
+    assert plans[0] != plans[1] != plans[2]
+    assert epoch_order(samples, seed=6, epoch=1) != epoch_order(samples, seed=5, epoch=1)
+
+
+@pytest.mark.parametrize(
+    "batches,world,accum,max_steps,expect",
+    [
+        (5, 2, 1, 0, (6, 2, 3)),  # 3 batches per process (1 padded), 2 epochs
+        (5, 2, 2, 0, (4, 2, 2)),  # accumulation: ceil(3 / 2) steps per epoch
+        (5, 2, 2, 3, (3, 2, 2)),  # max_train_steps wins: 2 epochs, the last one partial
+        (4, 3, 1, 0, (4, 2, 2)),
+        (1, 4, 1, 0, (2, 2, 1)),  # fewer batches than processes: each trains one
+        (6, 1, 4, 0, (4, 2, 2)),  # one process: as before
+    ],
+)
+def test_plan_counts_bucket_batches_per_process(tiny_config, batches, world, accum, max_steps, expect):
+    cfg = tiny_config.with_overrides([f"gradient_accumulation_steps={accum}", f"max_train_steps={max_steps}", "max_train_epochs=2"])
+    assert plan(cfg, None, world, 0, bucket_batches=batches) == expect
+
+
+def test_bucket_report_states_the_sharing_rule(mixed_data):
+    paths = sorted((mixed_data / "2_ohwx ring").glob("*.png"))
+    plan_ = plan_buckets(paths, 64, True, 32, 128, 32)
+    assert "processes" not in plan_.report([2] * len(paths))
+    padded = plan_.report([2] * len(paths), 2, 5)
+    assert padded.endswith(sharing_rule(5, 2))
+    assert "3 batches per process" in padded and "padded with the epoch's first batch again" in padded
+    assert "padded" not in plan_.report([2] * len(paths), 2, 6)
+    assert "padded with the epoch's first 3 batches again" in sharing_rule(5, 4)
+    assert "padded with 3 batches repeated from the start of the epoch's plan, wrapping round" in sharing_rule(1, 4)
+
+
+class _SimulatedRank(Runtime):
+    """Rank ``rank`` of ``world`` processes without a process group: the gradient all-reduce is left
+    out. What is checked here is the plan, the shares and the schedule; tests/test_multiprocess.py
+    runs real processes under accelerate launch."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__(torch.device("cpu"), "no", rank, world)
+
+    def all_reduce_grads(self, params) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_two_ranks_share_each_epoch_with_equal_steps(tiny_sd, tiny_config, mixed_data, monkeypatch):
+    """Buckets, 2 processes, accumulation 2, a held-out validation image and max_train_steps ending
+    mid-epoch: both ranks plan 3 steps and take them, train disjoint shares of the same epoch plan
+    (padded by its first batch), never a held-out image, and step the LR schedule as one process would."""
+    import copy
+
+    from lora_trainer.train.schedulers import build_scheduler
+    from lora_trainer.train.validation import choose_validation
+
+    cfg = tiny_config.with_overrides(
+        [
+            f"train_data_dir={mixed_data}",
+            "enable_bucket=true",
+            "min_bucket_reso=32",
+            "max_bucket_reso=128",
+            "bucket_reso_steps=32",
+            "train_batch_size=2",
+            "gradient_accumulation_steps=2",
+            "validation_split=0.2",
+            "max_train_steps=3",
+            "lr_scheduler=cosine",
+            "lr_warmup_steps=1",
+        ]
+    )
+    held, is_held = choose_validation(len(SIZES), 0.2, cfg.seed)
+    assert is_held and len(held) == 1
+    # 6 images x 2 repeats minus the held-out one: 5 bucket batches of 2 whichever image it is
+    # -> 3 per process (1 padded) -> ceil(3 / 2) = 2 steps per epoch; max_train_steps 3 -> 2 epochs
+    seen: dict[int, list] = {0: [], 1: []}
+    orig = BucketPlan.epoch_batches
+
+    def spy(self, order, batch_size, rank=0, world_size=1):
+        mine = orig(self, order, batch_size, rank, world_size)
+        seen[rank].append((self.batches(order, batch_size), mine, self))
+        return mine
+
+    monkeypatch.setattr(BucketPlan, "epoch_batches", spy)
+    runs = []
+    for rank in (0, 1):
+        events: list = []
+        bundle = make_sd_bundle(copy.deepcopy(tiny_sd))
+        result = train(copy.deepcopy(cfg), bundle, EventBus(events.append), runtime=_SimulatedRank(rank, 2), overwrite=True)
+        runs.append((result, events))
+    lrs = []
+    for rank, (result, events) in enumerate(runs):
+        started = next(e for e in events if isinstance(e, TrainingStarted))
+        steps = [e for e in events if isinstance(e, StepEvent)]
+        assert (started.total_steps, started.epochs, started.steps_per_epoch) == (3, 2, 2)
+        assert result.steps == len(steps) == 3 and [e.step for e in steps] == [1, 2, 3]
+        assert (
+            "an epoch has 5 batches; 2 processes train 3 of them each (the last round padded with 1 from the start "
+            "of the epoch): 2 steps per epoch, 3 steps"
+        ) in started.summary
+        report = next(e.text for e in events if isinstance(e, Message) and e.text.startswith("aspect-ratio buckets"))
+        assert report.endswith(sharing_rule(5, 2))
+        lrs.append([e.lrs for e in steps])
+        assert len(seen[rank]) == 2  # two epochs planned
+    assert runs[0][0].files and runs[1][0].files == []  # only rank 0 saves
+    with safe_open(runs[0][0].files[-1], "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_batches_per_epoch"], meta["ss_max_train_steps"], meta["ss_steps"]) == ("3", "3", "3")
+
+    for epoch in range(2):
+        (full0, mine0, bplan), (full1, mine1, _) = seen[0][epoch], seen[1][epoch]
+        assert full0 == full1 and len(full0) == 5  # the same plan on both ranks
+        assert len(mine0) == len(mine1) == 3
+        assert mine0 == [full0[0], full0[2], full0[4]]
+        assert mine1 == [full0[1], full0[3], full0[0]]  # padded by the epoch's first batch
+        trained = [i for b in mine0 + mine1 for i in b]
+        assert held[0] not in trained
+        for b in mine0 + mine1:
+            assert len({bplan.images[i].bucket for i in b}) == 1
+    assert seen[0][0][0] != seen[0][1][0]  # a new plan every epoch
+
+    # the LR schedule: the same on both ranks, and what one process gets for 3 optimizer steps
+    assert lrs[0] == lrs[1]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.unet_lr)
+    sched = build_scheduler(cfg.lr_scheduler, opt, 3, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    expect = []
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        expect.append(opt.param_groups[0]["lr"])
+    assert [s["unet"] for s in lrs[0]] == pytest.approx(expect)

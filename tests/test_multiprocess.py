@@ -10,8 +10,10 @@ local processes with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -271,6 +273,184 @@ def test_accelerate_launch_two_cpu_processes(saved_model):
     assert meta["ss_max_train_steps"] == "4"  # ceil(8 / 2)
     assert meta["ss_steps"] == "4"
     assert meta["ss_num_train_images"] == "8"
+
+
+# a launched script: the real command line (lora_trainer.cli.main), which also records, per rank, the
+# LoRA weights, the steps, the learning rates and the bucket batches of every epoch (whole plan, own share)
+_RECORDING_DRIVER = """
+import os
+import sys
+
+import torch
+
+from lora_trainer import cli
+from lora_trainer.dataset.buckets import BucketPlan
+from lora_trainer.train import loop
+from lora_trainer.train.events import StepEvent
+
+out = sys.argv.pop(1)
+record = {"epochs": [], "lrs": []}
+epoch_batches = getattr(BucketPlan, "epoch_batches", None)  # absent: the run says why it cannot train
+
+
+def recording_epoch_batches(self, order, batch_size, rank=0, world_size=1):
+    mine = epoch_batches(self, order, batch_size, rank, world_size)
+    full = self.batches(order, batch_size)
+    record["epochs"].append({"plan": full, "mine": mine, "buckets": [self.images[b[0]].bucket for b in mine]})
+    record["one_bucket_per_batch"] = all(len({self.images[i].bucket for i in b}) == 1 for b in full)
+    return mine
+
+
+real_train = loop.train
+
+
+def recording_train(cfg, bundle, events=None, **kw):
+    events.subscribe(lambda ev: record["lrs"].append(ev.lrs) if isinstance(ev, StepEvent) else None)
+    result = real_train(cfg, bundle, events, **kw)
+    record.update(steps=result.steps, rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]))
+    torch.save({"state": result.network.kohya_state_dict(), "record": record}, out + os.environ["RANK"] + ".pt")
+    return result
+
+
+if epoch_batches is not None:
+    BucketPlan.epoch_batches = recording_epoch_batches
+loop.train = recording_train
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+# mixed aspect ratios; with resolution 64 and buckets 32..128 in steps of 32 they fall into three
+# buckets: 96x32 (wide, big), 32x96 (tall), 64x64 (square, wideish)
+_MIXED = {"wide": (128, 64), "tall": (64, 128), "square": (64, 64), "wideish": (96, 64), "big": (200, 100)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_with_buckets(saved_model, tmp_path):
+    """Aspect-ratio buckets under a real accelerate launch: 5 images x 2 repeats in 3 buckets, batch 2
+    -> 5 bucket batches per epoch (96x32: 2, 32x96: 1, 64x64: 2), shared 3 + 3 by the 2 processes with
+    the last round padded by the epoch's first batch -> 3 steps per epoch, 6 steps in 2 epochs. Both
+    ranks take every step (no all-reduce hang), train disjoint shares of the same plan, follow the
+    cosine schedule with warm-up as one process would, and end with the same weights; rank 0 writes
+    one valid file."""
+    pytest.importorskip("accelerate")
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from lora_trainer.train.schedulers import build_scheduler
+
+    sub = tmp_path / "data" / "2_ohwx ring"
+    sub.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in _MIXED.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(sub / f"{name}.png")
+        (sub / f"{name}.txt").write_text(f"ohwx, ring, {name}")
+    driver = tmp_path / "driver.py"
+    driver.write_text(_RECORDING_DRIVER)
+    out = tmp_path / "out"
+    args = [
+        "train",
+        "--model", str(saved_model["model"]),
+        "--data", str(tmp_path / "data"),
+        "--output", str(out),
+        "--name", "mpb",
+        "--device", "cpu",
+        "--quiet",
+    ]  # fmt: skip
+    sets = {
+        "resolution": 64,
+        "network_dim": 4,
+        "max_train_epochs": 2,
+        "save_every_n_epochs": 0,
+        "train_batch_size": 2,
+        "enable_bucket": "true",
+        "min_bucket_reso": 32,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 32,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+        "unet_lr": 1e-3,
+        "text_encoder_lr": 5e-4,
+    }
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(driver), str(tmp_path / "rank"), *args,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"accelerate launch did not finish in {LAUNCH_TIMEOUT} s (a collective hang?):\n{e.stdout}\n{e.stderr}")
+    log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+
+    # the printed plan, from rank 0 only
+    m = re.search(r"\nbuckets: .*an epoch has (\d+) batches; 2 processes train (\d+) of them each.*: (\d+) steps per epoch, (\d+) steps", proc.stdout)
+    assert m, log
+    assert tuple(map(int, m.groups())) == (5, 3, 3, 6), log
+    assert "(the last round padded with 1 from the start of the epoch)" in proc.stdout, log
+    assert "2 processes: the 5 bucket batches of each epoch" in proc.stdout, log  # the bucket report says the rule
+    assert "padded with the epoch's first batch again" in proc.stdout, log
+    assert proc.stdout.count("finished after 6 steps") == 1, log
+    assert proc.stdout.count("saved ") == 1, log
+    assert sorted(p.name for p in out.iterdir()) == ["mpb.safetensors"], log
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    rec0, rec1 = r0["record"], r1["record"]
+    assert (rec0["rank"], rec1["rank"], rec0["world"], rec1["world"]) == (0, 1, 2, 2)
+    assert rec0["steps"] == rec1["steps"] == 6  # the total printed, on both ranks
+
+    # the LR schedule: the same on both ranks, and what one process gets for the same 6 optimizer steps
+    assert len(rec0["lrs"]) == 6 and rec0["lrs"] == rec1["lrs"]
+    for group, lr in (("unet", 1e-3), ("text_encoder", 5e-4)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = build_scheduler("cosine", opt, 6, 2)
+        expect = []
+        for _ in range(6):
+            opt.step()
+            sched.step()
+            expect.append(opt.param_groups[0]["lr"])
+        assert [s[group] for s in rec0["lrs"]] == pytest.approx(expect), group
+
+    # each epoch: the same plan of 5 bucket batches on both ranks, dealt out in turn, padded by its first batch
+    assert len(rec0["epochs"]) == len(rec1["epochs"]) == 2
+    assert rec0["one_bucket_per_batch"] and rec1["one_bucket_per_batch"]
+    shapes = set()
+    for e0, e1 in zip(rec0["epochs"], rec1["epochs"]):
+        full = e0["plan"]
+        assert e1["plan"] == full and len(full) == 5
+        assert e0["mine"] == [full[0], full[2], full[4]]
+        assert e1["mine"] == [full[1], full[3], full[0]]
+        shapes |= set(e0["buckets"]) | set(e1["buckets"])
+    assert shapes == {(96, 32), (32, 96), (64, 64)}  # every bucket trained, in batches of its own shape
+    assert rec0["epochs"][0]["plan"] != rec0["epochs"][1]["plan"]  # a new order every epoch
+
+    # the same weights on both ranks, bit for bit, and they are what rank 0 saved
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    with safe_open(str(out / "mpb.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors.keys() == r0["state"].keys()
+    for k, t in tensors.items():
+        assert torch.equal(t, r0["state"][k].to(t.dtype)), k
+        assert torch.isfinite(t.float()).all(), k
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    assert any(k.endswith("lora_up.weight") and t.abs().max() > 0 for k, t in tensors.items())  # it trained
+    assert meta["ss_enable_bucket"] == "True"
+    assert (meta["ss_max_train_steps"], meta["ss_steps"], meta["ss_epoch"]) == ("6", "6", "2")
+    assert meta["ss_num_batches_per_epoch"] == "3"  # per process, as kohya (len of the prepared dataloader)
+    assert meta["ss_total_batch_size"] == "4"  # batch 2 x accumulation 1 x 2 processes
+    info = json.loads(meta["ss_bucket_info"])
+    assert sorted((tuple(b["resolution"]), b["count"]) for b in info["buckets"].values()) == [
+        ((32, 96), 1),
+        ((64, 64), 2),
+        ((96, 32), 2),
+    ]
 
 
 def test_cpu_launch_that_starts_one_process_warns(saved_model, monkeypatch, capsys):

@@ -6,6 +6,15 @@ whose area is at most ``resolution``\\ :sup:`2` and whose sides lie within
 stretched) and centre-cropped; what the crop cuts away is reported before training, image by
 image. Batches are drawn within one bucket.
 
+With several processes (``accelerate launch``, torchrun) every process builds the same epoch plan
+(:func:`epoch_order` is seeded by the seed and the epoch only, never the rank) and trains a share
+of its bucket batches (:func:`shard_batches`): batch ``k`` goes to process ``k % world_size``, and
+every process gets ``ceil(batches / world_size)`` of them, so all take the same number of optimizer
+steps (a process with fewer would skip a gradient all-reduce the others wait for: a hang). When
+the count does not divide, the last round is padded by repeating batches from the start of that
+epoch's plan, as torch's ``DistributedSampler`` and accelerate's ``even_batches`` (what kohya's
+sd-scripts get) do; those few batches are trained once more that epoch. The bucket report says so.
+
 Without buckets every image is resized so its short side is ``resolution`` and centre-cropped to
 a square (:func:`lora_trainer.dataset.images.resize_and_crop`); :func:`square_geometry` gives the
 same numbers, for SDXL's size conditioning.
@@ -126,6 +135,63 @@ def load_cropped(path: str | Path, geometry: Geometry, background: tuple[int, in
     return img.crop((left, top, left + tw, top + th))
 
 
+def epoch_order(samples: list[int], seed: int, epoch: int) -> list[int]:
+    """The shuffled samples (image indices, repeats included) of one epoch: the same on every
+    process, since only the seed and the epoch seed it."""
+    import torch  # here: importing the dataset package does not import torch
+
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return [samples[i] for i in torch.randperm(len(samples), generator=gen).tolist()]
+
+
+def batches_per_process(num_batches: int, world_size: int) -> int:
+    """Batches each process trains per epoch when ``num_batches`` are shared by ``world_size`` processes."""
+    return math.ceil(num_batches / world_size) if world_size > 1 else num_batches
+
+
+def padding_batches(num_batches: int, world_size: int) -> int:
+    """Batches repeated from the start of the epoch's plan so every process gets as many."""
+    return batches_per_process(num_batches, world_size) * max(world_size, 1) - num_batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Process ``rank``'s share of one epoch's batches: every ``world_size``-th batch, starting at
+    ``rank``. Every process gets ``ceil(len(batches) / world_size)``: the list is first padded with
+    its own first batches (wrapping round when it is shorter than ``world_size``), so the shares
+    are disjoint except for the :func:`padding_batches` of the last round."""
+    if world_size <= 1:
+        return list(batches)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if not batches:
+        return []
+    pad = padding_batches(len(batches), world_size)
+    padded = list(batches) + (list(batches) * (pad // len(batches) + 1))[:pad]
+    return padded[rank::world_size]
+
+
+def sharing_rule(num_batches: int, world_size: int) -> str:
+    """How one epoch's batches are shared by the processes, in words (the bucket report's last line)."""
+    per = batches_per_process(num_batches, world_size)
+    pad = padding_batches(num_batches, world_size)
+    text = (
+        f"{world_size} processes: the {num_batches} bucket batches of each epoch (the same plan on every process) "
+        f"are dealt out in turn, batch k to process k mod {world_size}: {per} batches per process"
+    )
+    if pad:
+        if pad == 1:
+            again = "the epoch's first batch again"
+        elif pad <= num_batches:
+            again = f"the epoch's first {pad} batches again"
+        else:
+            again = f"{pad} batches repeated from the start of the epoch's plan, wrapping round"
+        text += (
+            f"; {num_batches} is not a multiple of {world_size}, so the last round is padded with {again} "
+            "(trained once more that epoch, as a distributed sampler does)"
+        )
+    return text
+
+
 @dataclass
 class ImagePlan:
     """How one image is trained."""
@@ -171,6 +237,11 @@ class BucketPlan:
             k += 1
         return out
 
+    def epoch_batches(self, order: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """This process's batches of the epoch whose samples are ``order`` (the same on every
+        process): :meth:`batches` of all of it, shared out by :func:`shard_batches`."""
+        return shard_batches(self.batches(order, batch_size), rank, world_size)
+
     def num_batches(self, counts: dict[int, int], batch_size: int) -> int:
         """Batches per epoch when image ``i`` appears ``counts[i]`` times."""
         per: dict[tuple[int, int], int] = defaultdict(int)
@@ -190,8 +261,9 @@ class BucketPlan:
             "mean_img_ar_error": sum(errors) / max(len(errors), 1),
         }
 
-    def report(self, repeats: list[int] | None = None) -> str:
-        """One block per bucket listing every image, its original size and what its crop cuts away."""
+    def report(self, repeats: list[int] | None = None, world_size: int = 1, num_batches: int = 0) -> str:
+        """One block per bucket listing every image, its original size and what its crop cuts away;
+        with several processes, how the ``num_batches`` batches of an epoch are shared out."""
         if not self.enabled:
             return ""
         groups = self.by_bucket()
@@ -204,6 +276,8 @@ class BucketPlan:
                 oh, ow = p.geometry[0], p.geometry[1]
                 cut = f", crop cuts away {p.cropped_fraction:.0%}" if p.cropped_fraction >= 0.005 else ""
                 lines.append(f"    {p.path.name} ({ow}x{oh}{cut})")
+        if world_size > 1:
+            lines.append(f"  {sharing_rule(num_batches, world_size)}")
         return "\n".join(lines)
 
 

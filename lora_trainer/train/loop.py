@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..dataset import DatasetScan, parse_color, process_caption, scan_dataset
-from ..dataset.buckets import check_bucket_config, plan_buckets
+from ..dataset.buckets import batches_per_process, check_bucket_config, epoch_order, padding_batches, plan_buckets
 from ..dataset.steps import describe_steps, total_steps
 from ..errors import ConfigError, LoraTrainerError, TrainingStopped
 from ..model.bundle import ModelBundle
@@ -78,8 +78,27 @@ def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
     return [p for p in pattern_files if p.exists()]
 
 
-def plan(cfg: TrainConfig, scan: DatasetScan, world_size: int = 1, held_out_samples: int = 0) -> tuple[int, int, int]:
-    """(total optimizer steps, epochs, steps per epoch) for this dataset and process count."""
+def plan(
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    world_size: int = 1,
+    held_out_samples: int = 0,
+    bucket_batches: int | None = None,
+) -> tuple[int, int, int]:
+    """(total optimizer steps, epochs, steps per epoch) for this dataset and process count.
+
+    Without buckets every process trains ``ceil(samples / world_size)`` samples (``Runtime.shard``
+    pads the last round). With buckets, ``bucket_batches`` is the number of batches of one epoch,
+    all processes together (held-out images left out); every process trains
+    ``ceil(bucket_batches / world_size)`` of them (``shard_batches`` pads the last round). Either way
+    every process takes the same number of optimizer steps, which is what the LR schedule counts."""
+    if bucket_batches is not None:
+        per_process = batches_per_process(bucket_batches, world_size)
+        # the batches are already cut: count them with a batch size of 1
+        total, epochs = total_steps(
+            per_process, 1, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps
+        )
+        return total, epochs, math.ceil(per_process / cfg.gradient_accumulation_steps)
     per_process = math.ceil((scan.num_samples - held_out_samples) / world_size)
     total, epochs = total_steps(
         per_process, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.max_train_epochs, cfg.max_train_steps
@@ -151,25 +170,25 @@ def train(
         cfg.bucket_no_upscale,
     )
     geometries = [p.geometry for p in buckets.images] if cfg.enable_bucket else None
-    batches_per_epoch = math.ceil(math.ceil(scan.num_samples / runtime.world_size) / cfg.train_batch_size)
+    # batches each process trains per epoch (kohya's ss_num_batches_per_epoch: per process)
+    batches_per_epoch = math.ceil(math.ceil((scan.num_samples - held_out) / runtime.world_size) / cfg.train_batch_size)
     if cfg.enable_bucket:
-        if runtime.world_size > 1:
-            raise ConfigError("enable_bucket", True, "off when training with several processes (not supported yet)")
         val_set = set(val_indices) if val_held_out else set()
         counts = {i: r for i, r in enumerate(repeats) if i not in val_set}
-        batches_per_epoch = buckets.num_batches(counts, cfg.train_batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-        if cfg.max_train_steps:
-            total = cfg.max_train_steps
-            epochs = math.ceil(total / steps_per_epoch)
-        else:
-            epochs = cfg.max_train_epochs
-            total = epochs * steps_per_epoch
+        bucket_batches = buckets.num_batches(counts, cfg.train_batch_size)  # all processes together
+        batches_per_epoch = batches_per_process(bucket_batches, runtime.world_size)
+        total, epochs, steps_per_epoch = plan(cfg, scan, runtime.world_size, held_out, bucket_batches)
+        shared = ""
+        if runtime.world_size > 1:
+            pad = padding_batches(bucket_batches, runtime.world_size)
+            shared = f"; {runtime.world_size} processes train {batches_per_epoch} of them each" + (
+                f" (the last round padded with {pad} from the start of the epoch)" if pad else ""
+            )
         summary += (
-            f"\nbuckets: batches never mix buckets, so an epoch has {batches_per_epoch} batches: "
+            f"\nbuckets: batches never mix buckets, so an epoch has {bucket_batches} batches{shared}: "
             f"{steps_per_epoch} steps per epoch, {total} steps"
         )
-        events.info(buckets.report([r for r in repeats]))
+        events.info(buckets.report(repeats, runtime.world_size, bucket_batches))
     if runtime.world_size > 1:
         summary += f"\n{runtime.world_size} processes: each trains {steps_per_epoch} steps per epoch on its share"
 
@@ -311,10 +330,12 @@ def train(
         step = 0
         loop_start = time.time()
         for epoch in range(1, epochs + 1):
-            order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            order = [samples[i] for i in torch.randperm(len(samples), generator=order_gen).tolist()]
-            mine = list(runtime.shard(order))
-            batches = buckets.batches(mine, cfg.train_batch_size)  # plain chunks of `mine` when there is one bucket
+            order = epoch_order(samples, cfg.seed, epoch)  # the same on every process
+            if cfg.enable_bucket:
+                # cut into bucket batches first, then share the batches out: equal counts on every process
+                batches = buckets.epoch_batches(order, cfg.train_batch_size, runtime.rank, runtime.world_size)
+            else:  # one square bucket: share the samples out, then plain chunks of this process's share
+                batches = buckets.batches(list(runtime.shard(order)), cfg.train_batch_size)
             epoch_losses: list[float] = []
             accum_losses: list[float] = []
             optimizer.zero_grad(set_to_none=True)
