@@ -343,6 +343,10 @@ def test_two_ranks_share_each_epoch_with_equal_steps(tiny_sd, tiny_config, mixed
             "an epoch has 5 batches; 2 processes train 3 of them each (the last round padded with 1 from the start "
             "of the epoch): 2 steps per epoch, 3 steps"
         ) in started.summary
+        # the dataset arithmetic on the first line says it is not what runs; the last line is
+        lines = started.summary.splitlines()
+        assert lines[0].endswith("without buckets / processes / held-out images")
+        assert lines[-1] == "training: 2 steps per epoch, 3 steps"
         report = next(e.text for e in events if isinstance(e, Message) and e.text.startswith("aspect-ratio buckets"))
         assert report.endswith(sharing_rule(5, 2))
         lrs.append([e.lrs for e in steps])

@@ -198,6 +198,14 @@ def train(
             f"\nvalidation: {len(val_indices)} images held out ({names}); "
             f"training on the rest: {steps_per_epoch} steps per epoch, {total} steps"
         )
+    changed_by = [w for w, on in (("buckets", cfg.enable_bucket), ("processes", runtime.world_size > 1),
+                                   ("held-out images", val_held_out)) if on]
+    if changed_by:
+        # the first line is the plain dataset arithmetic; say that the lines below are what runs
+        head, _, rest = summary.partition("\n")
+        summary = f"{head} without {' / '.join(changed_by)}\n{rest}".rstrip("\n") + (
+            f"\ntraining: {steps_per_epoch} steps per epoch, {total} steps"
+        )
     events.emit(TrainingStarted(total, epochs, steps_per_epoch, scan.num_images, summary))
     background = parse_color(cfg.alpha_background)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * runtime.rank)
