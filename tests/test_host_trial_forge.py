@@ -39,7 +39,6 @@ checked again. ``LORA_TRAINER_FORGE_SDXL=0`` leaves the SDXL part out.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -56,8 +55,12 @@ from host_trial_common import (
     check_train_and_generate,
     free_port,
     host_env,
+    host_python,
     link_extension,
+    save_checkpoint,
+    select_checkpoint,
     start_server,
+    write_user_config,
 )
 
 FORGE_DIR = os.environ.get("LORA_TRAINER_FORGE_DIR", "")
@@ -68,10 +71,7 @@ SD15_REPO = ("backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
 
 
 def _host_python() -> str:
-    explicit = os.environ.get("LORA_TRAINER_FORGE_PYTHON", "")
-    if explicit:
-        return explicit
-    return str(Path(FORGE_DIR) / "venv" / "bin" / "python")
+    return host_python(FORGE_DIR, "LORA_TRAINER_FORGE_PYTHON")
 
 
 def _skip_reason() -> str | None:
@@ -114,7 +114,6 @@ def build_sd15_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_
     """``models_dir/Stable-diffusion/<name>.safetensors`` (LDM layout). Deterministic (seeded)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_trainer.model.ldm_names import to_a1111_checkpoint
@@ -136,11 +135,7 @@ def build_sd15_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_
         k: (v.half() if k.startswith("cond_stage_model.") else v).detach().contiguous().clone()
         for k, v in state.items()
     }
-    ckpt_dir = models_dir / "Stable-diffusion"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"{name}.safetensors"
-    save_file(state, str(ckpt))
-    return ckpt
+    return save_checkpoint(models_dir, name, state)
 
 
 SDXL_REPO = ("backend", "huggingface", "stabilityai", "stable-diffusion-xl-base-1.0")
@@ -172,7 +167,6 @@ def build_sdxl_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_
     and the VAE are full-size, from the checkout's SDXL configs). Deterministic (seeded)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_trainer.model.sdxl import DiffusersSDXL, to_sgm_checkpoint
@@ -190,11 +184,7 @@ def build_sdxl_checkpoint(models_dir: Path, forge_root: Path, name: str = "tiny_
     )
     state = {k: v.detach().half().contiguous() for k, v in to_sgm_checkpoint(parts).items()}
     del parts
-    ckpt_dir = models_dir / "Stable-diffusion"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"{name}.safetensors"
-    save_file(state, str(ckpt))
-    return ckpt
+    return save_checkpoint(models_dir, name, state)
 
 
 # --------------------------------------------------------------------------- the server
@@ -231,12 +221,7 @@ def forge(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("forge_data")
     ckpt = build_sd15_checkpoint(data_dir / "models", root)
     link_extension(data_dir)
-    # user settings a headless CPU run needs: no live previews
-    (data_dir / "config.json").write_text(
-        json.dumps(
-            {"sd_model_checkpoint": ckpt.name, "live_previews_enable": False, "samples_save": False, "grid_save": False}
-        )
-    )
+    write_user_config(data_dir, ckpt)
     port = free_port()
     args = [
         _host_python(), "launch.py",
@@ -300,15 +285,12 @@ def forge_xl(forge):
         pytest.skip("LORA_TRAINER_FORGE_SDXL=0: the SDXL part is left out")
     server = forge.server
     ckpt = build_sdxl_checkpoint(server.data_dir / "models", Path(FORGE_DIR).resolve())
-    server.ok("POST", "/sdapi/v1/refresh-checkpoints")
-    titles = [m.get("title", "") for m in server.ok("GET", "/sdapi/v1/sd-models")]
-    assert any(t.startswith(ckpt.name) for t in titles), f"{ckpt.name} is not in Forge's checkpoint list: {titles}"
-    server.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": ckpt.name})
+    select_checkpoint(server, ckpt.name)
     # SDXL on a CPU is slow (full-size CLIP-G in fp16): 2 images x 1 repeat x 2 epochs
     return Trial(
         server,
         TRAIN_TIMEOUT,
-        base_model_version="sdxl_base_v1",
+        base_model_version="sdxl_base_v1-0",
         bad_log=FORGE_LORA_BAD,
         check_lora_log=check_forge_lora_log,
         txt2img=dict(forge.txt2img),
