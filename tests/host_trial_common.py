@@ -442,6 +442,7 @@ def check_train_and_generate(trial: Trial, tmp_path_factory) -> dict:
         )
     aliases = [loras[f.stem]["alias"] for f in files]
     assert len(set(aliases)) == len(aliases), f"duplicate LoRA aliases: {aliases}"
+    check_grid_infotexts(Path(grid["path"]), files)
 
     with_lora = trial.image(f"{prompt} <lora:{name}:1>")
     new_log = server.log_text()[log_mark:]  # the grid after training loaded the files first
@@ -548,6 +549,29 @@ def train_and_wait(trial: Trial, cfg: dict) -> dict:
         f"training failed: {st['error']}\nmessages: {st['messages']}\n--- WebUI log ---\n{server.log_tail()}"
     )
     return st
+
+
+def check_grid_infotexts(grid_png: Path, files: list[Path]) -> None:
+    """The grid's cells were made by the host's txt2img: each cell's infotext (kept in the grid PNG)
+    is the host's, with ``Lora hashes`` naming the cell's file and the short hash the host reads from
+    the file's ``sshs_model_hash``."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    with Image.open(grid_png) as im:
+        cells = json.loads(im.text.get("lora_trainer_cells", "[]"))
+        params = json.loads(im.text["lora_trainer_grid"])
+    columns = [Path(c["path"]).stem for c in params["columns"]]
+    assert len(cells) == len(columns) * len(params["weights"]) * len(params["seeds"]), (len(cells), params)
+    short = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            short[f.stem] = sf.metadata()["sshs_model_hash"][:12]
+    for i, text in enumerate(cells):
+        name = columns[i % len(columns)]  # (the hosts strip <lora:...> from the prompt they record)
+        assert "Lora hashes: " in text and f"{name}: {short[name]}" in text, (
+            f"cell {i}: the host's infotext has no Lora hash for {name} ({short[name]}):\n{text}"
+        )
 
 
 def check_growing_grid(trial: Trial, tmp_path_factory) -> None:
