@@ -912,6 +912,17 @@ def test_unsupported_models_are_refused(fake_forge, tiny_config):
         ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
 
 
+def test_an_overflowing_vae_is_reported_with_forges_fix(fake_forge, tiny_config, monkeypatch):
+    """SDXL's VAE overflows in fp16: NaN latents stop the run before training, naming Forge's flag."""
+    from lora_trainer.train.events import EventBus, StopControl
+
+    fsm = fake_forge.sd_model.forge_objects.vae.first_stage_model
+    monkeypatch.setattr(fsm, "process_in", lambda z: z * float("nan"))
+    with pytest.raises(LoraTrainerError, match="non-finite latents.*--vae-in-fp32"):
+        ForgeHost().run(tiny_config, EventBus(), StopControl())
+    assert not list(ForgeHost().lora_dir().glob("*.safetensors"))
+
+
 # --------------------------------------------------------------- the grid through Forge's txt2img
 @pytest.fixture
 def fake_processing(fake_forge, monkeypatch):

@@ -58,7 +58,14 @@ from ..network.targets import (
 )
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
-from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, txt2img_cell, webui_lora_dir
+from .webui_common import (
+    acquire_queue_lock,
+    build_grid_locked,
+    finite_latents,
+    rescan_loras,
+    txt2img_cell,
+    webui_lora_dir,
+)
 
 log = logging.getLogger("lora_trainer")
 
@@ -834,12 +841,7 @@ def _encode_sgm_vae(vae: nn.Module, pixels: torch.Tensor, generator: torch.Gener
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
         z = mean + std * noise
     latents = (scale * z).detach().float()
-    if not torch.isfinite(latents).all():
-        raise LoraTrainerError(
-            f"The VAE gave non-finite latents in {str(mean.dtype).replace('torch.', '')} (SDXL's VAE overflows in "
-            "half precision): start the WebUI with --no-half-vae, or select an fp16-fixed SDXL VAE."
-        )
-    return latents.clone()
+    return finite_latents(latents, mean.dtype, "start the WebUI with --no-half-vae").clone()
 
 
 def _loaded_vae_file() -> str | None:

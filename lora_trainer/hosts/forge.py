@@ -61,7 +61,14 @@ from ..train.events import (
     TrainingStarted,
 )
 from ..train.runtime import Runtime
-from .webui_common import acquire_queue_lock, build_grid_locked, rescan_loras, txt2img_cell, webui_lora_dir
+from .webui_common import (
+    acquire_queue_lock,
+    build_grid_locked,
+    finite_latents,
+    rescan_loras,
+    txt2img_cell,
+    webui_lora_dir,
+)
 
 log = logging.getLogger("lora_trainer")
 
@@ -545,7 +552,8 @@ class ForgeHost:
                 x = pixels.to(vae_device, vae_dtype)
                 z = fsm.encode(x, regulation) if regulated else fsm.encode(x)
                 lat = fsm.process_in(z) if hasattr(fsm, "process_in") else z
-            return lat.to(torch.float32).clone()  # outside inference mode: a normal tensor
+            # outside inference mode: a normal tensor
+            return finite_latents(lat.to(torch.float32).clone(), vae_dtype, "start Forge with --vae-in-fp32")
 
         def encode_text(captions: list[str]) -> Any:
             placement.ensure()

@@ -123,3 +123,18 @@ def txt2img_cell(cell: Any, **extra: Any) -> Any:
     if infotexts and hasattr(image, "info"):
         image.info["parameters"] = str(infotexts[0])
     return image
+
+
+def finite_latents(latents: Any, dtype: Any, fix: str) -> Any:
+    """``latents`` when every value is finite; otherwise a LoraTrainerError saying the VAE overflowed
+    (SDXL's VAE does in fp16) and ``fix`` (the host's way to a full-precision VAE)."""
+    import torch
+
+    from ..errors import LoraTrainerError
+
+    if not torch.isfinite(latents).all():
+        raise LoraTrainerError(
+            f"The VAE gave non-finite latents in {str(dtype).replace('torch.', '')} (SDXL's VAE overflows in "
+            f"half precision): {fix}, or select an fp16-fixed SDXL VAE."
+        )
+    return latents
