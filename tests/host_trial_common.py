@@ -601,3 +601,54 @@ def check_growing_grid(trial: Trial, tmp_path_factory) -> None:
     assert worst == 0.0, f"the grid columns changed the training: the LoRA differs by up to {worst:.3g}"
     after = trial.image(trial.txt2img["prompt"])
     assert after == trial.state["before"], "after the growing grid, the image without a LoRA differs"
+
+
+# A route of the test-only extension: the Prepare tab's tools as the extension finds them in this host (its
+# upscalers by name, one used; its captioners by name, none run: BLIP and DeepBooru weights are downloads),
+# and an upscale while a generation holds the queue lock (the tool must say the WebUI is busy).
+PREP_TOOLS_PROBE = """\
+from modules import script_callbacks
+
+
+def prep_tools():
+    from PIL import Image
+
+    from lora_trainer.errors import LoraTrainerError
+    from lora_trainer.hosts.host_tools import host_captioners, host_upscalers
+    from modules import call_queue
+
+    ups = host_upscalers()
+    out = {"upscalers": sorted(ups), "captioners": sorted(host_captioners())}
+    small = Image.new("RGB", (32, 24), (200, 40, 40))
+    out["lanczos_x2"] = list(ups["Lanczos"](small, 2).size) if "Lanczos" in ups else None
+    with call_queue.queue_lock:
+        try:
+            ups["Lanczos"](small, 2)
+            out["busy"] = ""
+        except LoraTrainerError as e:
+            out["busy"] = str(e)
+    return out
+
+
+script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_trainer_trial/prep_tools", prep_tools, methods=["GET"]))
+"""
+
+
+def add_prepare_tools_probe(data_dir: Path) -> None:
+    """A test-only extension in the data dir with the ``prep_tools`` route."""
+    scripts = data_dir / "extensions" / "lora_trainer_trial_tools" / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    (scripts / "lora_trainer_trial_prep_tools.py").write_text(PREP_TOOLS_PROBE)
+
+
+def check_prepare_tools(server: Server, esrgan: bool) -> None:
+    """The Prepare tab's upscalers and captioners are the host's own: its upscaler list (without
+    "None"), BLIP and DeepBooru; an upscale works, and says the WebUI is busy while a generation runs."""
+    tools = server.ok("GET", "/lora_trainer_trial/prep_tools")
+    print("host tools:", tools)
+    assert "Lanczos" in tools["upscalers"] and "Nearest" in tools["upscalers"] and "None" not in tools["upscalers"]
+    if esrgan:
+        assert any("ESRGAN" in u for u in tools["upscalers"]), tools  # the user's model upscalers are offered too
+    assert tools["captioners"][:2] == ["BLIP (WebUI interrogator)", "DeepBooru (WebUI)"], tools
+    assert tools["lanczos_x2"] == [64, 48], tools
+    assert "busy" in tools["busy"], tools

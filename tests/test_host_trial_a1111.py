@@ -58,10 +58,12 @@ from pathlib import Path
 import pytest
 from host_trial_common import (
     Trial,
+    add_prepare_tools_probe,
     bad_log_lines,
     check_growing_grid,
     check_idle_at_the_end,
     check_install_py_changes_nothing,
+    check_prepare_tools,
     check_stopping,
     check_tab_and_routes,
     check_train_and_generate,
@@ -718,35 +720,6 @@ script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_train
 """
 
 
-# A route of the test-only extension: the Prepare tab's tools as the extension finds them in this host (its
-# upscalers by name, one used; its captioners by name, none run: BLIP and DeepBooru weights are downloads),
-# and an upscale while a generation holds the queue lock (the tool must say the WebUI is busy).
-PREP_TOOLS_PROBE = """\
-from modules import script_callbacks
-
-
-def prep_tools():
-    from PIL import Image
-
-    from lora_trainer.errors import LoraTrainerError
-    from lora_trainer.hosts.host_tools import host_captioners, host_upscalers
-    from modules import call_queue
-
-    ups = host_upscalers()
-    out = {"upscalers": sorted(ups), "captioners": sorted(host_captioners())}
-    small = Image.new("RGB", (32, 24), (200, 40, 40))
-    out["lanczos_x2"] = list(ups["Lanczos"](small, 2).size) if "Lanczos" in ups else None
-    with call_queue.queue_lock:
-        try:
-            ups["Lanczos"](small, 2)
-            out["busy"] = ""
-        except LoraTrainerError as e:
-            out["busy"] = str(e)
-    return out
-
-
-script_callbacks.on_app_started(lambda demo, app: app.add_api_route("/lora_trainer_trial/prep_tools", prep_tools, methods=["GET"]))
-"""
 
 
 # --------------------------------------------------------------------------- the server
@@ -786,7 +759,7 @@ def a1111(tmp_path_factory):
     build_sdxl_checkpoint(data_dir / "models", SDXL_CKPT)  # selected by the SDXL tests at the end
     build_sd2_checkpoint(data_dir / "models", SD2_CKPT)  # and then by the SD2 tests
     (_helper_extension(data_dir / "models") / "scripts" / "lora_trainer_trial_offload.py").write_text(OFFLOAD_PROBE)
-    (_helper_extension(data_dir / "models") / "scripts" / "lora_trainer_trial_prep_tools.py").write_text(PREP_TOOLS_PROBE)
+    add_prepare_tools_probe(data_dir)
     link_extension(data_dir)
     write_user_config(data_dir, ckpt)
     port = free_port()
@@ -894,15 +867,7 @@ def test_tab_and_routes_registered(a1111):
 
 
 def test_prepare_tools_are_the_hosts(a1111):
-    """The Prepare tab's upscalers and captioners are the host's own: its upscaler list (without
-    "None"), BLIP and DeepBooru; an upscale works, and says the WebUI is busy while a generation runs."""
-    tools = a1111.server.ok("GET", "/lora_trainer_trial/prep_tools")
-    print("host tools:", tools)
-    assert "Lanczos" in tools["upscalers"] and "Nearest" in tools["upscalers"] and "None" not in tools["upscalers"]
-    assert any("ESRGAN" in u for u in tools["upscalers"]), tools  # the user's model upscalers are offered too
-    assert tools["captioners"][:2] == ["BLIP (WebUI interrogator)", "DeepBooru (WebUI)"], tools
-    assert tools["lanczos_x2"] == [64, 48], tools
-    assert "busy" in tools["busy"], tools
+    check_prepare_tools(a1111.server, esrgan=True)
 
 
 def test_train_through_rest_and_generate(a1111, tmp_path_factory):

@@ -47,9 +47,11 @@ import pytest
 from host_trial_common import (
     TXT2IMG,
     Trial,
+    add_prepare_tools_probe,
     check_growing_grid,
     check_idle_at_the_end,
     check_install_py_changes_nothing,
+    check_prepare_tools,
     check_stopping,
     check_tab_and_routes,
     check_train_and_generate,
@@ -221,6 +223,7 @@ def forge(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("forge_data")
     ckpt = build_sd15_checkpoint(data_dir / "models", root)
     link_extension(data_dir)
+    add_prepare_tools_probe(data_dir)
     write_user_config(data_dir, ckpt)
     port = free_port()
     args = [
@@ -254,6 +257,10 @@ def test_install_py_changes_nothing():
 
 def test_tab_and_routes_registered(forge):
     check_tab_and_routes(forge.server)
+
+
+def test_prepare_tools_are_the_hosts(forge):
+    check_prepare_tools(forge.server, esrgan=True)
 
 
 def test_train_through_rest_and_generate(forge, tmp_path_factory):
