@@ -117,34 +117,10 @@ def make_sd_bundle(
         return find_targets(te, "lora_te", TEXT_CONTAINERS)
 
     def enable_gradient_checkpointing(on: bool) -> None:
-        # transformers checkpoints only in training mode; CLIP has no dropout, so train() changes
-        # nothing else in its output
-        if on:
-            unet.enable_gradient_checkpointing()
-            if hasattr(te, "gradient_checkpointing_enable"):
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                te.train()
-        else:
-            unet.disable_gradient_checkpointing()
-            if hasattr(te, "gradient_checkpointing_disable"):
-                te.gradient_checkpointing_disable()
-                te.eval()
+        diffusers_gradient_checkpointing(unet, [te], on)
 
     def set_attention(kind: str) -> None:
-        if kind == "xformers":
-            from ..errors import MissingPackageError
-
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise MissingPackageError("xformers", "attention = xformers") from None
-            if device.type != "cuda":
-                raise MissingPackageError("a CUDA GPU", "attention = xformers (use sdpa on CPU)", "xformers")
-            unet.enable_xformers_memory_efficient_attention()
-        else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            unet.set_attn_processor(AttnProcessor2_0())
+        diffusers_set_attention(unet, device, kind)
 
     return ModelBundle(
         family=parts.family,
@@ -166,3 +142,38 @@ def make_sd_bundle(
         enable_gradient_checkpointing=enable_gradient_checkpointing,
         set_attention=set_attention,
     )
+
+
+def diffusers_gradient_checkpointing(unet: nn.Module, text_encoders: list[nn.Module], on: bool) -> None:
+    """Activation checkpointing for a diffusers UNet and transformers text encoders (non-reentrant:
+    our hooked LoRA weights live outside the checkpointed modules). transformers checkpoints only in
+    training mode; CLIP has no dropout, so train() changes nothing else in its output."""
+    if on:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    for te in text_encoders:
+        if on and hasattr(te, "gradient_checkpointing_enable"):
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            te.train()
+        elif not on and hasattr(te, "gradient_checkpointing_disable"):
+            te.gradient_checkpointing_disable()
+            te.eval()
+
+
+def diffusers_set_attention(unet: nn.Module, device: torch.device, kind: str) -> None:
+    """``xformers`` (CUDA only, package needed) or torch's SDPA for a diffusers UNet."""
+    if kind == "xformers":
+        from ..errors import MissingPackageError
+
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise MissingPackageError("xformers", "attention = xformers") from None
+        if device.type != "cuda":
+            raise MissingPackageError("a CUDA GPU", "attention = xformers (use sdpa on CPU)", "xformers")
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())

@@ -34,7 +34,12 @@ from .ldm_names import (
     unet_diffusers_to_ldm_names,
     vae_diffusers_to_ldm_state_dict,
 )
-from .sd import alphas_cumprod_from_config, module_fingerprint
+from .sd import (
+    alphas_cumprod_from_config,
+    diffusers_gradient_checkpointing,
+    diffusers_set_attention,
+    module_fingerprint,
+)
 
 SGM_TE1_PREFIX = "conditioner.embedders.0.transformer."
 SGM_TE2_PREFIX = "conditioner.embedders.1.model."
@@ -268,32 +273,10 @@ def make_sdxl_bundle(
         return unet(x_t, t, encoder_hidden_states=cond.hidden.to(device, dtype), added_cond_kwargs=added).sample
 
     def enable_gradient_checkpointing(on: bool) -> None:
-        if on:
-            unet.enable_gradient_checkpointing()
-            for te in (te1, te2):
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                te.train()
-        else:
-            unet.disable_gradient_checkpointing()
-            for te in (te1, te2):
-                te.gradient_checkpointing_disable()
-                te.eval()
+        diffusers_gradient_checkpointing(unet, [te1, te2], on)
 
     def set_attention(kind: str) -> None:
-        if kind == "xformers":
-            from ..errors import MissingPackageError
-
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise MissingPackageError("xformers", "attention = xformers") from None
-            if device.type != "cuda":
-                raise MissingPackageError("a CUDA GPU", "attention = xformers (use sdpa on CPU)", "xformers")
-            unet.enable_xformers_memory_efficient_attention()
-        else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            unet.set_attn_processor(AttnProcessor2_0())
+        diffusers_set_attention(unet, device, kind)
 
     return ModelBundle(
         family="sdxl",
