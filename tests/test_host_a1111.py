@@ -317,18 +317,26 @@ def _master_model(tmp_path_factory):
     return build_fake_sd_model(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture
-def host_env(monkeypatch, tmp_path, _master_model):
-    sd = copy.deepcopy(_master_model)
+def fake_host_env(monkeypatch, tmp_path, master, text_root: str, patch_mha: bool = False) -> SimpleNamespace:
+    """A fake WebUI holding a copy of ``master``, its layers patched as A1111's Lora extension patches
+    them (the UNet and ``master.<text_root>``; ``patch_mha``: torch's MultiheadAttention too)."""
+    sd = copy.deepcopy(master)
     env = install_fake_webui(monkeypatch, tmp_path)
     env.shared.sd_model = sd
-    for root in (sd.model.diffusion_model, sd.cond_stage_model):
+    for root in (sd.model.diffusion_model, getattr(sd, text_root)):
         for m in root.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
                 m.register_forward_pre_hook(_patched_forward_emulation)
+    if patch_mha:
+        monkeypatch.setattr(nn.MultiheadAttention, "forward", _patched_mha_forward(nn.MultiheadAttention.forward))
     env.sd = sd
     env.lora_dir = Path(env.shared.cmd_opts.lora_dir)
     return env
+
+
+@pytest.fixture
+def host_env(monkeypatch, tmp_path, _master_model):
+    return fake_host_env(monkeypatch, tmp_path, _master_model, "cond_stage_model")
 
 
 @pytest.fixture
@@ -870,17 +878,7 @@ def _master_sdxl(_tiny_sdxl_parts):
 
 @pytest.fixture
 def sdxl_env(monkeypatch, tmp_path, _master_sdxl):
-    sd = copy.deepcopy(_master_sdxl)
-    env = install_fake_webui(monkeypatch, tmp_path)
-    env.shared.sd_model = sd
-    for root in (sd.model.diffusion_model, sd.conditioner):
-        for m in root.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
-                m.register_forward_pre_hook(_patched_forward_emulation)
-    monkeypatch.setattr(nn.MultiheadAttention, "forward", _patched_mha_forward(nn.MultiheadAttention.forward))
-    env.sd = sd
-    env.lora_dir = Path(env.shared.cmd_opts.lora_dir)
-    return env
+    return fake_host_env(monkeypatch, tmp_path, _master_sdxl, "conditioner", patch_mha=True)
 
 
 XL_PROMPT = "ohwx, ring, blue background"  # tests.test_sdxl.PROMPT: its _outputs encodes that
@@ -1256,17 +1254,7 @@ def _master_sd2(_tiny_sd2_parts):
 
 @pytest.fixture
 def sd2_env(monkeypatch, tmp_path, _master_sd2):
-    sd = copy.deepcopy(_master_sd2)
-    env = install_fake_webui(monkeypatch, tmp_path)
-    env.shared.sd_model = sd
-    for root in (sd.model.diffusion_model, sd.cond_stage_model):
-        for m in root.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
-                m.register_forward_pre_hook(_patched_forward_emulation)
-    monkeypatch.setattr(nn.MultiheadAttention, "forward", _patched_mha_forward(nn.MultiheadAttention.forward))
-    env.sd = sd
-    env.lora_dir = Path(env.shared.cmd_opts.lora_dir)
-    return env
+    return fake_host_env(monkeypatch, tmp_path, _master_sd2, "cond_stage_model", patch_mha=True)
 
 
 SD2_PROMPT = "ohwx, ring"
