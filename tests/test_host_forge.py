@@ -650,6 +650,31 @@ class FakeEngine:
         return self.text_encoder.transformer.text_model.final_layer_norm(z)
 
 
+def fake_forge_objects(kmodel: nn.Module, cond_stage_model: nn.Module, first_stage: nn.Module) -> dict:
+    """Forge's patchers around the parts (weights as inference tensors, as Forge loads them), and
+    the ``sd_model`` attributes that hold them, with a LoRA applied in the last generation."""
+    for m in (kmodel, cond_stage_model, first_stage):
+        as_inference_tensors(m)
+    clip = types.SimpleNamespace(cond_stage_model=cond_stage_model, patcher=FakePatcher(cond_stage_model))
+    vae = types.SimpleNamespace(
+        first_stage_model=first_stage,
+        patcher=FakePatcher(first_stage),
+        device=torch.device("cpu"),
+        vae_dtype=torch.float32,
+        memory_used_encode=lambda shape, dtype: 1,
+    )
+    original = types.SimpleNamespace(unet=FakePatcher(kmodel), clip=clip, vae=vae)
+    original.shallow_copy = lambda: types.SimpleNamespace(
+        unet=original.unet, clip=original.clip, vae=original.vae, shallow_copy=original.shallow_copy
+    )
+    return {
+        "forge_objects": original.shallow_copy(),
+        "forge_objects_original": original,
+        "forge_objects_after_applying_lora": original.shallow_copy(),
+        "current_lora_hash": "[('some.safetensors', 1.0, 1.0, False)]",
+    }
+
+
 def build_fake_sd_model(tiny_sd):
     unet = build_forge_unet()
     kmodel = nn.Module()
@@ -667,30 +692,11 @@ def build_fake_sd_model(tiny_sd):
     cond_stage_model = nn.ModuleDict({"clip_l": clip_l})
     engine = FakeEngine(clip_l, tiny_sd.tokenizer)
     first_stage = FakeFirstStage(tiny_sd.vae.eval())
-    for m in (kmodel, cond_stage_model, first_stage):
-        as_inference_tensors(m)
-
-    unet_patcher = FakePatcher(kmodel)
-    clip = types.SimpleNamespace(cond_stage_model=cond_stage_model, patcher=FakePatcher(cond_stage_model))
-    vae = types.SimpleNamespace(
-        first_stage_model=first_stage,
-        patcher=FakePatcher(first_stage),
-        device=torch.device("cpu"),
-        vae_dtype=torch.float32,
-        memory_used_encode=lambda shape, dtype: 1,
-    )
-    original = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=vae)
-    original.shallow_copy = lambda: types.SimpleNamespace(
-        unet=original.unet, clip=original.clip, vae=original.vae, shallow_copy=original.shallow_copy
-    )
     return types.SimpleNamespace(
+        **fake_forge_objects(kmodel, cond_stage_model, first_stage),
         is_sd1=True,
         is_sd2=False,
         is_sdxl=False,
-        forge_objects=original.shallow_copy(),
-        forge_objects_original=original,
-        forge_objects_after_applying_lora=original.shallow_copy(),
-        current_lora_hash="[('some.safetensors', 1.0, 1.0, False)]",
         text_processing_engine=engine,
         sd_checkpoint_info=types.SimpleNamespace(title="tiny [0000]", filename="/models/tiny.safetensors", sha256=None),
     )
@@ -1214,30 +1220,11 @@ def build_fake_sdxl_model(parts):
     engine_l = FakeSDXLEngine(clip_l, parts.tokenizer, "clip_l")
     engine_g = FakeSDXLEngine(clip_g, parts.tokenizer_2, "clip_g")
     first_stage = FakeFirstStage(copy.deepcopy(parts.vae).eval(), scale=0.13025)
-    for m in (kmodel, cond_stage_model, first_stage):
-        as_inference_tensors(m)
-
-    unet_patcher = FakePatcher(kmodel)
-    clip = types.SimpleNamespace(cond_stage_model=cond_stage_model, patcher=FakePatcher(cond_stage_model))
-    vae = types.SimpleNamespace(
-        first_stage_model=first_stage,
-        patcher=FakePatcher(first_stage),
-        device=torch.device("cpu"),
-        vae_dtype=torch.float32,
-        memory_used_encode=lambda shape, dtype: 1,
-    )
-    original = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=vae)
-    original.shallow_copy = lambda: types.SimpleNamespace(
-        unet=original.unet, clip=original.clip, vae=original.vae, shallow_copy=original.shallow_copy
-    )
     return types.SimpleNamespace(
+        **fake_forge_objects(kmodel, cond_stage_model, first_stage),
         is_sd1=False,
         is_sd2=False,
         is_sdxl=True,
-        forge_objects=original.shallow_copy(),
-        forge_objects_original=original,
-        forge_objects_after_applying_lora=original.shallow_copy(),
-        current_lora_hash="[('some.safetensors', 1.0, 1.0, False)]",
         text_processing_engine_l=engine_l,
         text_processing_engine_g=engine_g,
         embedder=FakeTimestep(TIME_EMBED),
