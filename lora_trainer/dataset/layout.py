@@ -73,6 +73,12 @@ class DatasetScan:
         """Samples per epoch: each image counted once per repeat."""
         return sum(s.num_samples for s in self.subsets)
 
+    @property
+    def trigger_word(self) -> str:
+        """The first word of the first folder's name (``10_ohwx woman`` -> ``ohwx``): the grid's
+        default prompt starts with it."""
+        return (self.subsets[0].name.split() or [""])[0] if self.subsets else ""
+
     def entries(self) -> list[ImageEntry]:
         """All images, folder by folder (folders sorted by name), files sorted by name."""
         return [e for s in self.subsets for e in s.images]

@@ -62,6 +62,7 @@ from .webui_common import (
     acquire_queue_lock,
     build_grid_locked,
     finite_latents,
+    grid_after_training_in_host,
     rescan_loras,
     txt2img_cell,
     webui_lora_dir,
@@ -698,7 +699,7 @@ class A1111Host:
                 and not cfg.grid_each_epoch  # that grid grew with the epochs
                 and bool(getattr(shared.opts, "lora_trainer_grid_after_training", True))
             ):
-                self._grid(cfg, result, scan, events, stop, shared)
+                grid_after_training_in_host(shared, cfg, result, scan, events, stop, A1111Generator())
         finally:
             lock.release()
 
@@ -707,24 +708,6 @@ class A1111Host:
         _loaded_model()
         build_grid_locked(_shared(), cfg, files, events, stop, A1111Generator(), self.refresh_loras)
 
-    def _grid(self, cfg: TrainConfig, result, scan, events: EventBus, stop: StopControl, shared) -> None:
-        """The epochs x weights grid through the host's own txt2img (``<lora:file:w>`` in the prompt,
-        the code path the user's prompts take). A failure here is reported, never fatal: the LoRA
-        files are already saved."""
-        from ..grid import grid_after_training
-
-        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
-        state = shared.state
-        state.begin(job="LoRA grid")
-        try:
-            grid_after_training(
-                cfg, [str(p) for p in result.files], A1111Generator(), events, stop, trigger, result.validation_losses
-            )
-        except Exception as e:  # noqa: BLE001 - see docstring
-            events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
-        finally:
-            state.end()
-
     def _growing_grid(self, cfg: TrainConfig, scan, bus: EventBus, stop: StopControl, sd_model, mirror):
         """``after_save`` for ``grid_each_epoch``: the new epoch's column through the host's txt2img,
         with the training LoRA switched off; the host's LoRA is taken out of the weights again
@@ -732,8 +715,7 @@ class A1111Host:
         from ..grid import GrowingGrid
         from ..world.sample import lora_weight
 
-        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
-        growing = GrowingGrid(cfg, A1111Generator(), bus, stop, trigger)
+        growing = GrowingGrid(cfg, A1111Generator(), bus, stop, scan.trigger_word)
         bus.subscribe(growing)
 
         def after_save(path, network) -> None:

@@ -65,6 +65,7 @@ from .webui_common import (
     acquire_queue_lock,
     build_grid_locked,
     finite_latents,
+    grid_after_training_in_host,
     rescan_loras,
     txt2img_cell,
     webui_lora_dir,
@@ -680,30 +681,13 @@ class ForgeHost:
                 and not cfg.grid_each_epoch  # that grid grew with the epochs
                 and bool(getattr(getattr(shared, "opts", None), "lora_trainer_grid_after_training", True))
             ):
-                self._grid(cfg, result, scan, events, stop, shared)
+                grid_after_training_in_host(shared, cfg, result, scan, events, stop, ForgeGenerator())
         finally:
             lock.release()
 
     def build_grid(self, cfg: TrainConfig, files: list[str], events: EventBus, stop: StopControl) -> None:
         """The "Build grid" button, through Forge's txt2img."""
         build_grid_locked(_shared(), cfg, files, events, stop, ForgeGenerator(), self.refresh_loras)
-
-    def _grid(self, cfg: TrainConfig, result: Any, scan: Any, events: EventBus, stop: StopControl, shared: Any) -> None:
-        """The epochs x weights grid through Forge's txt2img (``<lora:file:w>`` in the prompt, the code
-        path the user's prompts take). A failure here is reported, never fatal: the files are saved."""
-        from ..grid import grid_after_training
-
-        state = shared.state
-        state.begin(job="LoRA grid")
-        try:
-            grid_after_training(
-                cfg, [str(p) for p in result.files], ForgeGenerator(), events, stop, _trigger(scan),
-                result.validation_losses,
-            )  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - see docstring
-            events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
-        finally:
-            state.end()
 
     def _growing_grid(self, cfg: TrainConfig, scan: Any, bus: EventBus, stop: StopControl, sd_model: Any):
         """``after_save`` for ``grid_each_epoch``: the new epoch's column through Forge's txt2img with
@@ -716,7 +700,7 @@ class ForgeHost:
         from ..grid import GrowingGrid
         from ..world.sample import lora_weight
 
-        growing = GrowingGrid(cfg, ForgeGenerator(), bus, stop, _trigger(scan))
+        growing = GrowingGrid(cfg, ForgeGenerator(), bus, stop, scan.trigger_word)
         bus.subscribe(growing)
 
         def after_save(path: Path, network: Any) -> None:
@@ -758,11 +742,6 @@ class ForgeHost:
         finally:
             mirror.active = False
             state.end()
-
-
-def _trigger(scan: Any) -> str:
-    subsets = getattr(scan, "subsets", None)
-    return (subsets[0].name.split() or [""])[0] if subsets else ""
 
 
 class ForgeGenerator:

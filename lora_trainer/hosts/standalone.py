@@ -77,7 +77,7 @@ class StandaloneHost:
         runtime = Runtime(Runtime.from_env(cfg.mixed_precision).device, cfg.mixed_precision)
         events.info(f"base model: {cfg.pretrained_model or 'the loaded model'}")
         bundle = self.model_bundle(cfg, runtime)
-        trigger = (scan.subsets[0].name.split() or [""])[0] if scan.subsets else ""
+        trigger = scan.trigger_word
         growing = None
         if cfg.grid_each_epoch:
             from ..grid import GrowingGrid

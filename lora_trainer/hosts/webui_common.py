@@ -138,3 +138,22 @@ def finite_latents(latents: Any, dtype: Any, fix: str) -> Any:
             f"half precision): {fix}, or select an fp16-fixed SDXL VAE."
         )
     return latents
+
+
+def grid_after_training_in_host(shared: Any, cfg: TrainConfig, result: Any, scan: Any, events: EventBus,
+                                stop: StopControl, generate: Callable) -> None:
+    """The epochs x weights grid at the end of a run, through the host's own txt2img (``<lora:file:w>``
+    in the prompt, the code path the user's prompts take), as a job in the host's state. A failure
+    here is reported, never fatal: the LoRA files are already saved."""
+    from ..grid import grid_after_training
+
+    state = shared.state
+    state.begin(job="LoRA grid")
+    try:
+        grid_after_training(
+            cfg, [str(p) for p in result.files], generate, events, stop, scan.trigger_word, result.validation_losses
+        )
+    except Exception as e:  # noqa: BLE001 - see docstring
+        events.warning(f"the grid could not be built ({type(e).__name__}: {e}); the LoRA files are saved")
+    finally:
+        state.end()
