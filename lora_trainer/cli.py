@@ -124,9 +124,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # dataset and output names first: a wrong folder must not wait for a multi-GB model load
     scan = preflight(cfg, bus, overwrite=args.overwrite)
-    from .model.loading import import_diffusers_lean
-
-    import_diffusers_lean(need_bitsandbytes=cfg.optimizer == "AdamW8bit")
     bundle = StandaloneHost().model_bundle(cfg, runtime)
     train(cfg, bundle, bus, runtime=runtime, scan=scan, overwrite=args.overwrite)
     return 0

@@ -151,3 +151,22 @@ def test_demo_creates_epoch_files_and_prints_tags(tmp_path):
     assert cfg.max_train_epochs == 1 and Path(cfg.output_dir) == lora_dir
     with safe_open(lora_dir / files[0], "pt") as f:
         assert f.metadata()["ss_epoch"] == "1"
+
+
+def test_train_in_a_fresh_process_with_scikit_learn_installed(tiny_sd, demo_data, tmp_path):
+    """transformers imports scikit-learn (and through it scipy) when they are installed, as on most ML
+    machines: a fresh ``lora_trainer train`` must import diffusers and transformers as they are. It once hid
+    scipy from the import system to start faster, and died before the first step on such a machine."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("scipy.sparse")
+    from lora_trainer.model.tiny import save_diffusers_folder
+
+    model = save_diffusers_folder(tiny_sd, tmp_path / "tiny-model")
+    out = tmp_path / "Lora"
+    proc = _cli(
+        "train", "--model", str(model), "--data", str(demo_data), "--output", str(out), "--name", "fresh",
+        "--device", "cpu", "--quiet", "--set", "resolution=64", "--set", "network_dim=4", "--set", "max_train_steps=1",
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "fresh.safetensors").is_file()

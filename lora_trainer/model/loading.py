@@ -24,32 +24,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def import_diffusers_lean(need_bitsandbytes: bool = False) -> None:
-    """Import diffusers without its optional bitsandbytes and peft integrations.
-
-    diffusers imports them (and scipy) at start-up when they are installed (quantizers, hooks), which costs
-    about a second and 50 MiB before the first training step; training uses neither (our LoRA is
-    our own module, AdamW8bit imports bitsandbytes itself when chosen). Called by the command
-    line before loading; does nothing if diffusers is already imported (inside a WebUI).
-    """
-    import sys
-
-    if "diffusers" in sys.modules:
-        return
-    hidden = [name for name in ("peft", "bitsandbytes", "scipy") if name not in sys.modules]
-    if need_bitsandbytes:
-        hidden = [n for n in hidden if n != "bitsandbytes"]
-    for name in hidden:
-        sys.modules[name] = None  # importlib.util.find_spec() then reports the package absent
-    try:
-        import diffusers  # noqa: F401
-        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-
-
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
