@@ -154,11 +154,26 @@ def diffusers_gradient_checkpointing(unet: nn.Module, text_encoders: list[nn.Mod
         unet.disable_gradient_checkpointing()
     for te in text_encoders:
         if on and hasattr(te, "gradient_checkpointing_enable"):
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_text_encoder(te)
             te.train()
         elif not on and hasattr(te, "gradient_checkpointing_disable"):
             te.gradient_checkpointing_disable()
+            if hasattr(te, "_require_grads_hook"):
+                te.disable_input_require_grads()
             te.eval()
+
+
+def _checkpoint_text_encoder(te: nn.Module) -> None:
+    """transformers before 4.35 (A1111 pins 4.30.2) checkpoints reentrantly and cannot be told otherwise;
+    a reentrant checkpoint whose input needs no gradient gives none to the weights inside it (our LoRA's),
+    so there the input embeddings are made to require grad, as transformers' own PEFT recipe does."""
+    import inspect
+
+    if "gradient_checkpointing_kwargs" in inspect.signature(te.gradient_checkpointing_enable).parameters:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        te.gradient_checkpointing_enable()
+        te.enable_input_require_grads()
 
 
 def diffusers_set_attention(unet: nn.Module, device: torch.device, kind: str) -> None:

@@ -17,6 +17,18 @@ import torch
 from ..errors import ConfigError
 
 
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler for fp16 training on ``device``.
+
+    ``torch.amp.GradScaler(device)`` is torch 2.3 and later; A1111 1.10 ships torch 2.1.2, where the CUDA
+    scaler is ``torch.cuda.amp.GradScaler`` (deprecated, with a warning, from 2.4 on)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    if device.type != "cuda":
+        raise ConfigError("mixed_precision", "fp16", f"no or bf16 (torch {torch.__version__} scales fp16 losses on CUDA only)")
+    return torch.cuda.amp.GradScaler()
+
+
 class Runtime:
     def __init__(self, device: torch.device | str, mixed_precision: str = "no", rank: int = 0, world_size: int = 1):
         device = torch.device(device)
@@ -26,7 +38,7 @@ class Runtime:
         self.mixed_precision = mixed_precision
         if mixed_precision == "fp16" and device.type != "cuda":
             raise ConfigError("mixed_precision", "fp16", "no or bf16 when training on a CPU (fp16 needs a CUDA GPU)")
-        self.scaler = torch.amp.GradScaler("cuda") if mixed_precision == "fp16" else None
+        self.scaler = grad_scaler(device) if mixed_precision == "fp16" else None
 
     @property
     def is_main(self) -> bool:
