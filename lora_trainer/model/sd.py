@@ -150,8 +150,12 @@ def diffusers_gradient_checkpointing(unet: nn.Module, text_encoders: list[nn.Mod
     training mode; CLIP has no dropout, so train() changes nothing else in its output."""
     if on:
         unet.enable_gradient_checkpointing()
+        # diffusers before 0.32 checkpoints only in training mode (Forge pins 0.31); the SD UNets' dropout
+        # is 0, so train() changes nothing else in their output
+        unet.train()
     else:
         unet.disable_gradient_checkpointing()
+        unet.eval()
     for te in text_encoders:
         if on and hasattr(te, "gradient_checkpointing_enable"):
             _checkpoint_text_encoder(te)
