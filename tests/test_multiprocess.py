@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,13 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.train.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_TIMEOUT = 240  # seconds; a hang (e.g. ranks disagreeing on the number of all-reduces) fails, not blocks
-SPAWN_TIMEOUT = 180
+# A hang (e.g. ranks disagreeing on the number of all-reduces) must fail, not block CI. On an idle 2-core
+# machine a launch takes 30-60 s; busy (CI's other work, a second job) it has taken over 240 s, which once
+# failed a correct run. The limits are for hangs only, so they are generous; the spawned workers also set
+# a gloo collective timeout, which reports a real hang as an error from inside the process.
+LAUNCH_TIMEOUT = 900  # seconds
+SPAWN_TIMEOUT = 600
+COLLECTIVE_TIMEOUT = timedelta(seconds=180)
 
 
 # ---------------------------------------------------------------- single process, no launcher
@@ -71,7 +77,7 @@ def test_shard_gives_every_process_the_same_count(n, world):
 
 def _init_group(store: str, rank: int, world: int) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
 
 def _all_reduce_worker(rank: int, world: int, store: str, out: str) -> None:
