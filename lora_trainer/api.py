@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import TrainConfig
 from .errors import ConfigError, LoraTrainerError
@@ -38,6 +39,27 @@ def check_output_inside(folder: Path, output_name: str) -> Path:
     return target
 
 
+def cross_site_reason(headers: Any) -> str | None:
+    """Why a request comes from another site's web page, or None.
+
+    Browsers send ``Origin`` with every cross-site POST and every ``fetch``; a page the user happens to
+    visit must not start or stop a training on their machine. Requests without ``Origin`` (curl, scripts,
+    the WebUI's own server-side calls) are not made by a web page. ``Origin: null`` (sandboxed frames,
+    local files) is refused too."""
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    if urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+        return f"requests from another site ({origin}) are refused; call the routes from this page, curl or a script"
+    return None
+
+
+def is_json(headers: Any) -> bool:
+    """A JSON body, by its declared type: a web page can send text/plain or a form to another site
+    without the browser asking first, but not application/json."""
+    return headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
 def add_routes(
     app: Any,
     start: Callable[[TrainConfig], None],
@@ -55,7 +77,12 @@ def add_routes(
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-    dependencies = []
+    def same_site(request: Request) -> None:
+        reason = cross_site_reason(request.headers)
+        if reason:
+            raise HTTPException(status_code=403, detail=reason)
+
+    dependencies = [Depends(same_site)]
     if credentials:
         basic = HTTPBasic()
 
@@ -64,7 +91,7 @@ def add_routes(
             if expected is None or not secrets.compare_digest(cred.password, expected):
                 raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
-        dependencies = [Depends(auth)]
+        dependencies.append(Depends(auth))
 
     def error(code: int, e: Exception) -> JSONResponse:
         body: dict[str, Any] = {"error": str(e)}
@@ -72,7 +99,12 @@ def add_routes(
             body.update(field=e.field, value=str(e.value), allowed=e.allowed)
         return JSONResponse(status_code=code, content=body)
 
+    def not_json() -> JSONResponse:
+        return JSONResponse(status_code=415, content={"error": "send the body as JSON (content-type: application/json)"})
+
     async def train_route(request: Request):
+        if not is_json(request.headers):
+            return not_json()
         try:
             payload = await request.json()
         except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller
@@ -95,6 +127,8 @@ def add_routes(
     async def grid_route(request: Request):
         """``{"files": ["name-000003.safetensors", ...], "grid_weights": "0, 0.5, 1", ...}``: a grid of
         saved files of the LoRA folder (names relative to it), as the tab's "Build grid" button."""
+        if not is_json(request.headers):
+            return not_json()
         try:
             payload = await request.json()
         except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller

@@ -120,3 +120,29 @@ def test_grid_of_saved_files_over_rest(tiny_sd, tiny_config):
     params = read_grid_parameters(s["grid"]["path"])
     assert [c["epoch"] for c in params["columns"]] == [1, 2] and params["weights"] == [0.0, 1.0]
     assert s["grid"]["done"] == s["grid"]["total"] == 4
+
+
+def test_web_pages_of_other_sites_cannot_drive_training(tiny_sd, tiny_config, tmp_path):
+    """A page the user visits can POST to localhost: with text/plain or a form without the browser asking
+    first, with JSON after a preflight. Every route refuses a request whose Origin is another site, and the
+    body-taking routes refuse anything but JSON; nothing starts and nothing is written."""
+    client, job = _client(tiny_sd, tiny_config)
+    evil = {"origin": "https://evil.example"}
+    body = '{"output_name": "pwned", "max_train_epochs": 1}'
+    for path in ("/train", "/grid", "/stop", "/stop_and_save"):
+        r = client.post(f"{PREFIX}{path}", content=body, headers={**evil, "content-type": "text/plain"})
+        assert r.status_code == 403 and "another site" in r.json()["detail"], path
+    assert client.get(f"{PREFIX}/status", headers=evil).status_code == 403
+    assert client.post(f"{PREFIX}/train", json={"output_name": "pwned"}, headers={"origin": "null"}).status_code == 403
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = client.post(f"{PREFIX}/train", content=body, headers={"content-type": ctype})
+        assert r.status_code == 415 and "application/json" in r.json()["error"], ctype
+        assert client.post(f"{PREFIX}/grid", content='{"files": ["t.safetensors"]}', headers={"content-type": ctype}).status_code == 415
+    assert job.status().state == "idle"
+    assert not Path(tiny_config.output_dir).exists()
+    # the page itself (same origin, as the Host it was served from) and scripts without Origin still work
+    own = {"origin": "http://testserver", "content-type": "application/json; charset=utf-8"}
+    r = client.post(f"{PREFIX}/train", content='{"max_train_epochs": 1, "output_name": "mine"}', headers=own)
+    assert r.status_code == 200, r.text
+    job.wait(120)
+    assert (Path(tiny_config.output_dir) / "mine.safetensors").is_file()
