@@ -122,6 +122,13 @@ def _patched_forward_emulation(module: nn.Module, args) -> None:
     module.network_current_names = wanted
 
 
+def _host_device(module: nn.Module) -> torch.device:
+    """Where A1111 sends the tokens: ``devices.device`` (under --medvram the text encoder is still on the CPU
+    until its hook moves it in), else where the module is."""
+    devices = sys.modules.get("modules.devices")
+    return getattr(devices, "device", None) or module.device
+
+
 class FakeCLIPWrapper(nn.Module):
     """Like ``FrozenCLIPEmbedderWithCustomWords``: ``wrapped.transformer`` is the HF model, ``wrapped.tokenizer``
     its tokenizer; calling it with captions gives the conditioning, without ``no_grad``, honouring Clip skip."""
@@ -136,7 +143,7 @@ class FakeCLIPWrapper(nn.Module):
         te = self.wrapped.transformer
         ids = self.wrapped.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         skip = int(sys.modules["modules.shared"].opts.CLIP_stop_at_last_layers)
-        out = te(input_ids=ids.to(te.device), output_hidden_states=skip > 1)
+        out = te(input_ids=ids.to(_host_device(te)), output_hidden_states=skip > 1)
         if skip > 1:
             return te.text_model.final_layer_norm(out.hidden_states[-skip])
         return out.last_hidden_state

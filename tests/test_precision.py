@@ -66,6 +66,41 @@ def _fp16_cpu_runtime() -> Runtime:
     return runtime
 
 
+def record_scaler_steps(runtime: Runtime) -> list[float]:
+    """The loss scale at each ``scaler.step`` call, recorded as the run goes."""
+    steps: list[float] = []
+    scaler_step = runtime.scaler.step
+    runtime.scaler.step = lambda opt, *a, **k: (steps.append(runtime.scaler.get_scale()), scaler_step(opt, *a, **k))[1]
+    return steps
+
+
+def learned_direction_cosine(got_file, want_file) -> float:
+    """Cosine between the ``lora_up`` weights of two LoRA files (same keys), as one vector.
+
+    Adam moves each weight by about lr a step whatever the gradient's size, so a tiny gradient that half
+    precision rounds to the other sign flips a weight: compare the learned direction as a whole."""
+    got, want = load_file(str(got_file)), load_file(str(want_file))
+    ups = [k for k in want if k.endswith("lora_up.weight")]
+    assert ups and got.keys() == want.keys()
+    g = torch.cat([got[k].float().flatten() for k in ups])
+    w = torch.cat([want[k].float().flatten() for k in ups])
+    assert g.abs().max() > 0, "the LoRA learned nothing"
+    cosine = torch.nn.functional.cosine_similarity(g, w, dim=0).item()
+    print(f"LoRA vs reference: cosine {cosine:.5f}, max diff {(g - w).abs().max().item():.2e}")
+    return cosine
+
+
+def train_on_half_base_weights(parts, cfg, runtime: Runtime, dtype: torch.dtype, device: str = "cpu"):
+    """Train on base weights kept in ``dtype`` (as the hosts keep them); returns the result and the dtypes the
+    LoRA's own weights had at each save."""
+    from lora_trainer.train.events import EventBus
+
+    lora_dtypes: set[torch.dtype] = set()
+    bundle = make_sd_bundle(parts, device=device, dtype=dtype)
+    result = train(cfg, bundle, EventBus(), runtime=runtime, after_save=lambda path, network: lora_dtypes.update(p.dtype for p in network.parameters()))
+    return result, lora_dtypes
+
+
 @pytest.mark.skipif(not _cpu_fp16_works(), reason=f"torch {torch.__version__} has no fp16 CPU kernels or CPU loss scaler")
 def test_fp16_training_with_the_loss_scaler_learns_what_fp32_learns(tiny_sd, tiny_config):
     """fp16 base weights, fp16 autocast, scaled losses: the LoRA stays float32, every step is taken (none
@@ -77,25 +112,14 @@ def test_fp16_training_with_the_loss_scaler_learns_what_fp32_learns(tiny_sd, tin
     reference = train(copy.deepcopy(tiny_config), make_sd_bundle(copy.deepcopy(tiny_sd)))
 
     runtime = _fp16_cpu_runtime()
-    steps = []
-    scaler_step = runtime.scaler.step
-    runtime.scaler.step = lambda opt, *a, **k: (steps.append(runtime.scaler.get_scale()), scaler_step(opt, *a, **k))[1]
+    steps = record_scaler_steps(runtime)
     tiny_config.output_dir += "-fp16"
     bundle = make_sd_bundle(tiny_sd, dtype=torch.float16)
     result = train(tiny_config, bundle, runtime=runtime)
     assert len(steps) == 3 and all(s > 1 for s in steps)  # the losses were scaled
     assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
     assert runtime.scaler.get_scale() == steps[0]  # no step found inf/nan gradients (that halves the scale)
-    got, want = load_file(result.files[-1]), load_file(reference.files[-1])
-    ups = [k for k in want if k.endswith("lora_up.weight")]
-    assert ups and got.keys() == want.keys()
-    # Adam moves each weight by about lr a step whatever the gradient's size, so a tiny gradient that
-    # fp16 rounds to the other sign flips a weight: compare the learned direction as a whole
-    g = torch.cat([got[k].float().flatten() for k in ups])
-    w = torch.cat([want[k].float().flatten() for k in ups])
-    cosine = torch.nn.functional.cosine_similarity(g, w, dim=0).item()
-    print(f"fp16 vs fp32 LoRA: cosine {cosine:.5f}, max diff {(g - w).abs().max().item():.2e}")
-    assert g.abs().max() > 0 and cosine > 0.99
+    assert learned_direction_cosine(result.files[-1], reference.files[-1]) > 0.99
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,12 +129,8 @@ def test_half_precision_base_weights_train_float32_lora_weights(tiny_sd, tiny_co
     if dtype == torch.float16 and not _cpu_fp16_works():
         pytest.skip(f"torch {torch.__version__} has no fp16 CPU kernels")
     runtime = Runtime(torch.device("cpu"), "bf16") if dtype == torch.bfloat16 else _fp16_cpu_runtime()
-    bundle = make_sd_bundle(tiny_sd, dtype=dtype)
-    lora_dtypes: set[torch.dtype] = set()
     tiny_config.max_train_steps = 2
-    from lora_trainer.train.events import EventBus
-
-    result = train(tiny_config, bundle, EventBus(), runtime=runtime, after_save=lambda path, network: lora_dtypes.update(p.dtype for p in network.parameters()))
+    result, lora_dtypes = train_on_half_base_weights(tiny_sd, tiny_config, runtime, dtype)
     assert lora_dtypes == {torch.float32}
     assert next(tiny_sd.unet.parameters()).dtype == dtype  # the base weights stayed as the host has them
     assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
