@@ -196,7 +196,7 @@ def _perturb(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def build_fake_sd_model(tok_dir: Path) -> FakeSDModel:
+def build_fake_sd_model(tok_dir: Path, num_res_blocks: int = 1) -> FakeSDModel:
     openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -211,7 +211,7 @@ def build_fake_sd_model(tok_dir: Path) -> FakeSDModel:
             out_channels=4,
             model_channels=32,
             attention_resolutions=[1],
-            num_res_blocks=1,
+            num_res_blocks=num_res_blocks,
             channel_mult=(1, 2),
             num_heads=2,
             use_spatial_transformer=True,
@@ -1768,3 +1768,169 @@ def test_lowvram_is_refused_before_anything_changes(host_env, cfg, monkeypatch):
     assert [c[0] for c in env.shared.state.calls] == ["begin", "end"] and not env.call_queue.queue_lock.locked()
     assert env.shared.opts.CLIP_stop_at_last_layers == 1
     assert not env.lora_dir.exists() or not any(env.lora_dir.iterdir())
+
+
+# =========================================================================== the host's own LoRA loader
+#
+# After each save the adapter asks A1111's Lora extension which of the file's modules it applies.
+# The stand-ins restate, in our words, what A1111 1.10's extensions-builtin/Lora does with a kohya file.
+
+_RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+
+
+def a1111_fixed_stride_name(stem: str) -> str:
+    """Stands for ``networks.convert_diffusers_name_to_compvis`` (SD1 names): a diffusers-style UNet
+    name becomes an LDM path by SD1.5's fixed stride, three input and three output blocks per level
+    (two ResBlocks and a resampler); the text encoder's names get the wrapper's ``transformer`` prefix.
+    Any other name is returned as it is."""
+    import re
+
+    if m := re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", stem):
+        side, level, kind, j, rest = m.groups()
+        block = (1 if side == "down" else 0) + 3 * int(level) + int(j)
+        rest = _RESNET_PARTS.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_{'input' if side == 'down' else 'output'}_blocks_{block}_{int(kind == 'attentions')}_{rest}"
+    if m := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", stem):
+        kind, j, rest = m.groups()
+        return f"diffusion_model_middle_block_{1 if kind == 'attentions' else 2 * int(j)}_{rest}"
+    if m := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", stem):
+        return f"transformer_text_model_encoder_layers_{m.group(1)}_{m.group(2)}"
+    return stem
+
+
+class FakeNetworkOnDisk:
+    """Stands for ``network.NetworkOnDisk(name, filename)``: a LoRA file the extension knows."""
+
+    def __init__(self, name, filename):
+        self.name, self.filename = name, filename
+
+
+def fake_load_network(name, network_on_disk):
+    """Stands for ``networks.load_network(name, network_on_disk)``: every module of the file is looked
+    up in the layer table of ``shared.sd_model`` (``network_layer_mapping``: the modules of
+    ``cond_stage_model.wrapped`` and of ``model``, "." replaced by "_"), first under its converted
+    name, then with ``lora_unet`` replaced by ``diffusion_model``. Matched ones end up in
+    ``.modules`` (keyed by the converted name, each with ``network_key``, ``sd_key``, ``sd_module``);
+    the others are only logged at debug level."""
+    from safetensors import safe_open
+
+    sd = sys.modules["modules.shared"].sd_model
+    layers = {n.replace(".", "_"): m for n, m in sd.cond_stage_model.wrapped.named_modules()}
+    layers.update({n.replace(".", "_"): m for n, m in sd.model.named_modules()})
+    net = SimpleNamespace(name=name, modules={}, unmatched={})
+    with safe_open(network_on_disk.filename, "pt") as f:
+        keys = list(f.keys())
+    for key in keys:
+        stem = key.partition(".")[0]
+        sd_key = a1111_fixed_stride_name(stem)
+        module = layers.get(sd_key)
+        if module is None and "lora_unet" in stem:
+            sd_key = stem.replace("lora_unet", "diffusion_model")
+            module = layers.get(sd_key)
+        if module is None:
+            net.unmatched[key] = sd_key
+        elif sd_key not in net.modules:
+            net.modules[sd_key] = SimpleNamespace(network_key=key, sd_key=sd_key, sd_module=module)
+    return net
+
+
+def install_fake_lora_loader(monkeypatch, env) -> None:
+    network = types.ModuleType("network")
+    network.NetworkOnDisk = FakeNetworkOnDisk
+    monkeypatch.setitem(sys.modules, "network", network)
+    env.networks.load_network = fake_load_network
+
+
+@pytest.fixture(scope="module")
+def _master_sd15_layout(tmp_path_factory):
+    """The tiny model with SD1.5's block counts (two ResBlocks per level), which A1111's fixed stride fits."""
+    return build_fake_sd_model(tmp_path_factory.mktemp("tok15"), num_res_blocks=2)
+
+
+def _messages(events: list) -> list[tuple[str, str]]:
+    from lora_trainer.train.events import Message
+
+    return [(e.level, e.text) for e in events if isinstance(e, Message)]
+
+
+def test_a_layout_the_host_maps_fully_gives_no_warning(monkeypatch, tmp_path, _master_sd15_layout, cfg):
+    from lora_trainer.hosts.a1111 import A1111Host, a1111_key_match
+    from lora_trainer.train.events import EventBus, StopControl
+
+    env = fake_host_env(monkeypatch, tmp_path, _master_sd15_layout, "cond_stage_model")
+    install_fake_lora_loader(monkeypatch, env)
+    events: list = []
+    A1111Host().run(cfg, EventBus(events.append), StopControl())
+    assert not [m for m in _messages(events) if "LoRA modules of" in m[1] or "not checked" in m[1]]
+    saved = env.lora_dir / "t.safetensors"
+    match = a1111_key_match(saved)
+    assert len(match.applied) == len(_expected_names(env.sd)) == 72 + 12  # every UNet and text module
+
+
+def test_a_layout_the_host_maps_differently_is_reported_before_the_grid(host_env, cfg, monkeypatch):
+    """The tiny model has one ResBlock per level: A1111's fixed stride sends 12 modules nowhere and
+    12 others onto the neighbouring attention (same shapes: silently wrong). Said after each save,
+    before any grid cell."""
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StopControl
+
+    install_fake_lora_loader(monkeypatch, host_env)
+    order: list[str] = []
+    processing = types.ModuleType("modules.processing")
+    processing.StableDiffusionProcessingTxt2Img = lambda **kw: SimpleNamespace(kw=kw, close=lambda: None)
+
+    def process_images(p):
+        from PIL import Image
+
+        order.append("cell")
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    processing.process_images = process_images
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
+    events: list = []
+
+    def listen(ev):
+        events.append(ev)
+        if _messages([ev]) and "LoRA modules of" in ev.text:
+            order.append("warning")
+
+    cfg = cfg.with_overrides(["grid_after_training=true", "grid_weights=1"])
+    A1111Host().run(cfg, EventBus(listen), StopControl())
+    warnings = [t for level, t in _messages(events) if level == "warning" and "LoRA modules of" in t]
+    assert len(warnings) == 2 and order[:2] == ["warning", "warning"] and "cell" in order
+    text = warnings[-1]
+    assert "A1111 will ignore or misplace 24 of 60 LoRA modules of t.safetensors" in text
+    assert "12 match no layer" in text and "lora_unet_up_blocks_1_attentions_1_proj_in" in text
+    assert "12 land on another layer" in text
+    assert "lora_unet_up_blocks_1_attentions_0_proj_in -> diffusion_model_output_blocks_3_1_proj_in, not the layer it was trained on" in text
+
+
+def test_a_shape_the_layer_cannot_take_is_reported(host_env, cfg, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lora_trainer.hosts.a1111 import a1111_key_match
+    from lora_trainer.hosts.webui_common import HostKeyCheck
+    from lora_trainer.train.events import EventBus
+
+    install_fake_lora_loader(monkeypatch, host_env)
+    host_env.lora_dir.mkdir(parents=True)
+    path = host_env.lora_dir / "odd.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # a 32x32 layer
+    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 48), f"{stem}.lora_up.weight": torch.zeros(32, 4),
+               f"{stem}.alpha": torch.tensor(4.0)}, str(path))
+    events: list = []
+    HostKeyCheck("A1111", a1111_key_match, EventBus(events.append))(path)
+    [(level, text)] = _messages(events)
+    assert level == "warning" and "1 of 1 LoRA modules of odd.safetensors" in text
+    assert "a 32x48 change for a 32x32 layer" in text
+
+
+def test_without_the_hosts_loader_the_check_is_skipped_once(host_env, cfg):
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import EventBus, StopControl
+
+    events: list = []
+    A1111Host().run(cfg, EventBus(events.append), StopControl())  # the fake networks has no load_network
+    said = [m for m in _messages(events) if "not checked" in m[1]]
+    assert said == [("info", said[0][1])] and (host_env.lora_dir / "t.safetensors").is_file()

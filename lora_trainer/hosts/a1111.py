@@ -59,8 +59,13 @@ from ..network.targets import (
 from ..train.events import CachingProgress, Event, EventBus, FileSaved, StepEvent, StopControl, TrainingStarted
 from ..train.runtime import Runtime
 from .webui_common import (
+    HostKeyCheck,
+    HostLayer,
+    HostLoaderMissing,
+    HostMatch,
     acquire_queue_lock,
     build_grid_locked,
+    checked_after_save,
     finite_latents,
     grid_after_training_in_host,
     rescan_loras,
@@ -89,6 +94,52 @@ def _networks_module():
         except Exception:  # noqa: BLE001 - the Lora extension is disabled or absent
             return None
     return mod if hasattr(mod, "loaded_networks") or hasattr(mod, "list_available_networks") else None
+
+
+def _network_on_disk(networks: Any, path: Path) -> Any:
+    """The Lora extension's entry for ``path``: the listed one when it is this very file (another
+    folder may hold the same name), else a new ``network.NetworkOnDisk``."""
+    listed = getattr(networks, "available_networks", {}).get(path.stem)
+    if listed is not None and os.path.abspath(getattr(listed, "filename", "")) == os.path.abspath(path):
+        return listed
+    try:
+        network = sys.modules.get("network") or importlib.import_module("network")
+    except ImportError as e:
+        raise HostLoaderMissing(f"its Lora extension's network module is not loaded ({e})") from None
+    return network.NetworkOnDisk(path.stem, str(path))
+
+
+_QKV_SUFFIXES = ("_q_proj", "_k_proj", "_v_proj")
+
+
+def _a1111_layer_shape(sd_module: Any, sd_key: str) -> tuple[int, ...] | None:
+    """The weight shape a matched LoRA module is added to. OpenCLIP's q/k/v LoRAs land on the fused
+    ``MultiheadAttention``, which adds each to one third of ``in_proj_weight``."""
+    weight = getattr(sd_module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return tuple(weight.shape)
+    fused = getattr(sd_module, "in_proj_weight", None)
+    if isinstance(fused, torch.Tensor) and sd_key.endswith(_QKV_SUFFIXES):
+        return (fused.shape[0] // 3, *fused.shape[1:])
+    return None
+
+
+def a1111_key_match(path: Path) -> HostMatch:
+    """What A1111's Lora extension applies of the file at ``path``: ``networks.load_network`` (the
+    loader a ``<lora:..>`` prompt runs) keeps the modules it matched in ``.modules`` (each with the
+    file's ``network_key`` and the layer, ``sd_module``) and drops the others with a debug log line."""
+    networks = _networks_module()
+    if networks is None or not hasattr(networks, "load_network"):
+        raise HostLoaderMissing("its Lora extension (networks.load_network) is not loaded")
+    net = networks.load_network(path.stem, _network_on_disk(networks, path))
+    return HostMatch(
+        {
+            str(m.network_key).partition(".")[0]: HostLayer(
+                str(m.sd_key), _a1111_layer_shape(m.sd_module, str(m.sd_key)), m.sd_module
+            )
+            for m in net.modules.values()
+        }
+    )
 
 
 def _compute_device(unet: nn.Module) -> torch.device:
@@ -793,7 +844,8 @@ class A1111Host:
                 with skip as set_skip:
                     if not set_skip and cfg.clip_skip != 1:
                         events.warning("this WebUI has no Clip skip option: clip_skip is ignored")
-                    after_save = self._growing_grid(cfg, scan, bus, stop, sd_model, mirror) if cfg.grid_each_epoch else None
+                    grid = self._growing_grid(cfg, scan, bus, stop, sd_model, mirror) if cfg.grid_each_epoch else None
+                    after_save = checked_after_save(HostKeyCheck("A1111", a1111_key_match, bus), grid)
                     return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan, after_save=after_save)
             finally:
                 bundle.release()

@@ -28,6 +28,7 @@ function below, tested on its own (tests/test_host_forge.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -62,8 +63,13 @@ from ..train.events import (
 )
 from ..train.runtime import Runtime
 from .webui_common import (
+    HostKeyCheck,
+    HostLayer,
+    HostLoaderMissing,
+    HostMatch,
     acquire_queue_lock,
     build_grid_locked,
+    checked_after_save,
     finite_latents,
     grid_after_training_in_host,
     rescan_loras,
@@ -76,6 +82,9 @@ log = logging.getLogger("lora_trainer")
 JOB_NAME = "lora_trainer"
 TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 _TEXT_ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
+# Forge's load_lora_for_models applies nothing of a file with more unmatched keys than this, and
+# nothing of its UNet (or text encoder) part when more of that part's keys miss the model's weights
+FORGE_UNMATCHED_LIMIT = 12
 
 
 # ------------------------------------------------------------------------- (a) inference tensors
@@ -403,6 +412,55 @@ def _on_forge_main_thread(fn: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def _submodule(model: Any, name: str) -> Any:
+    try:
+        return model.get_submodule(name)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _forge_part_match(forge_lora: Any, model: Any, key_map: dict, lora: dict) -> tuple[dict, dict, str]:
+    """One part (UNet or text encoder) as Forge's ``load_lora`` matches it: (matched stem -> the
+    layer it lands on, the file's keys still unmatched, why Forge drops the part or "")."""
+    patches, remaining = forge_lora.load_lora(lora, key_map)
+    weights = model.state_dict()
+    applied: dict[str, HostLayer] = {}
+    skipped = 0
+    for stem, target in key_map.items():
+        if target not in patches or f"{stem}.lora_up.weight" not in lora:
+            continue
+        if target in weights:
+            layer = target.rpartition(".")[0]
+            applied[stem] = HostLayer(target, tuple(weights[target].shape), _submodule(model, layer))
+        else:  # add_patches skips a patch for a weight the model does not have
+            skipped += 1
+    dropped = f"{skipped} of its patches miss the model's weights" if skipped > FORGE_UNMATCHED_LIMIT else ""
+    return ({} if dropped else applied), remaining, dropped
+
+
+def forge_key_match(sd_model: Any, path: Path) -> HostMatch:
+    """What Forge applies of the file at ``path``, by its own loader's functions as
+    ``load_lora_for_models`` calls them (``backend.patcher.lora``): the key maps of the UNet and the
+    text encoder, ``load_lora`` (matched patches, unmatched keys) and its limits on unmatched keys."""
+    try:
+        from backend.patcher import lora as forge_lora
+    except ImportError as e:
+        raise HostLoaderMissing(f"backend.patcher.lora cannot be imported ({e})") from None
+    from safetensors.torch import load_file
+
+    objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
+    unet, text = objects.unet.model, objects.clip.cond_stage_model
+    lora = load_file(str(path))
+    # fresh key maps: Forge's functions default to one shared dict that grows with every call
+    unet_applied, rest, unet_dropped = _forge_part_match(forge_lora, unet, forge_lora.model_lora_keys_unet(unet, {}), lora)
+    text_applied, rest, text_dropped = _forge_part_match(forge_lora, text, forge_lora.model_lora_keys_clip(text, {}), rest)
+    if len(rest) > FORGE_UNMATCHED_LIMIT:
+        return HostMatch({}, f"{len(rest)} of its keys are unmatched, more than Forge's limit of {FORGE_UNMATCHED_LIMIT}")
+    if unet_dropped and text_dropped:
+        return HostMatch({}, f"UNet: {unet_dropped}; text encoder: {text_dropped}")
+    return HostMatch({**unet_applied, **text_applied})
 
 
 class ForgeHost:
@@ -735,7 +793,9 @@ class ForgeHost:
             events.info(f"base model: the loaded checkpoint {getattr(info, 'title', '') or '(unnamed)'}")
             bundle = self.model_bundle(cfg, runtime, sd_model)
             try:
-                after_save = self._growing_grid(cfg, scan, bus, stop, sd_model) if cfg.grid_each_epoch else None
+                grid = self._growing_grid(cfg, scan, bus, stop, sd_model) if cfg.grid_each_epoch else None
+                check = HostKeyCheck("Forge", functools.partial(forge_key_match, sd_model), bus)
+                after_save = checked_after_save(check, grid)
                 return train(cfg, bundle, bus, stop, runtime=runtime, scan=scan, after_save=after_save)
             finally:
                 bundle.release()
