@@ -1409,3 +1409,128 @@ def test_sdxl_refiner_is_refused(fake_forge_xl, tiny_config):
     with pytest.raises(LoraTrainerError, match="refiner"):
         ForgeHost().model_bundle(tiny_config, Runtime("cpu"))
     assert sd_model.current_lora_hash != str([]), "refused before anything was changed"
+
+
+# --------------------------------------------------------------- the host's own LoRA loader
+_CLIP_PARTS = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def fake_forge_lora_module(with_diffusers_names: bool = True) -> types.ModuleType:
+    """Stands for Forge's ``backend.patcher.lora`` as ``load_lora_for_models`` uses it, restated:
+    ``model_lora_keys_unet(model, key_map)`` names every UNet weight ``lora_unet_<LDM path>`` and,
+    through Forge's config-driven diffusers<->LDM table (here ``ldm_names``, tested against diffusers'
+    converter), ``lora_unet_<diffusers path>``; ``model_lora_keys_clip`` names CLIP-L's attention and
+    MLP weights ``lora_te_``/``lora_te1_``; ``load_lora(lora, key_map)`` returns (model key -> LoRA
+    patch, the file's keys it did not use). ``with_diffusers_names=False``: a Forge whose table
+    lacks this UNet's layout."""
+    from lora_trainer.model.ldm_names import unet_config_from_ldm_state_dict, unet_ldm_to_diffusers_names
+
+    mod = types.ModuleType("backend.patcher.lora")
+
+    def model_lora_keys_unet(model, key_map):
+        sd = model.state_dict()
+        for k in sd:
+            if k.startswith("diffusion_model.") and k.endswith(".weight"):
+                key_map["lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_")] = k
+        if with_diffusers_names:
+            config = unet_config_from_ldm_state_dict(sd, "diffusion_model.")
+            for ldm, diffusers in unet_ldm_to_diffusers_names(config).items():
+                if f"diffusion_model.{ldm}.weight" in sd:
+                    key_map["lora_unet_" + diffusers.replace(".", "_")] = f"diffusion_model.{ldm}.weight"
+        return key_map
+
+    def model_lora_keys_clip(model, key_map):
+        sd = model.state_dict()
+        for b in range(32):
+            for part in _CLIP_PARTS:
+                k = f"clip_l.transformer.text_model.encoder.layers.{b}.{part}.weight"
+                if k in sd:
+                    for prefix in ("lora_te", "lora_te1"):
+                        key_map[f"{prefix}_text_model_encoder_layers_{b}_{part.replace('.', '_')}"] = k
+        return key_map
+
+    def load_lora(lora, key_map):
+        patches, used = {}, set()
+        for stem, target in key_map.items():
+            up, down, alpha = (f"{stem}.{p}" for p in ("lora_up.weight", "lora_down.weight", "alpha"))
+            if up in lora:
+                patches[target] = ("lora", (lora[up], lora[down], lora[alpha].item() if alpha in lora else None, None, None))
+                used |= {up, down, alpha}
+        return patches, {k: v for k, v in lora.items() if k not in used}
+
+    mod.model_lora_keys_unet = model_lora_keys_unet
+    mod.model_lora_keys_clip = model_lora_keys_clip
+    mod.load_lora = load_lora
+    return mod
+
+
+def install_fake_forge_lora(monkeypatch, **kw) -> None:
+    patcher = types.ModuleType("backend.patcher")
+    patcher.lora = fake_forge_lora_module(**kw)
+    monkeypatch.setitem(sys.modules, "backend.patcher", patcher)
+    monkeypatch.setitem(sys.modules, "backend.patcher.lora", patcher.lora)
+    monkeypatch.setattr(sys.modules["backend"], "patcher", patcher, raising=False)
+
+
+def _loader_messages(events: list) -> list[tuple[str, str]]:
+    from lora_trainer.train.events import Message
+
+    return [(e.level, e.text) for e in events if isinstance(e, Message) and ("LoRA modules of" in e.text or "not checked" in e.text)]
+
+
+def test_forge_applies_every_saved_module_no_warning(fake_forge, tiny_config, monkeypatch):
+    from lora_trainer.hosts.forge import forge_key_match
+    from lora_trainer.hosts.webui_common import lora_module_shapes
+
+    install_fake_forge_lora(monkeypatch)
+    events: list = []
+    run_in_thread(ForgeHost(), tiny_config, EventBus(events.append), StopControl())
+    assert _loader_messages(events) == []
+    saved = ForgeHost().lora_dir() / "t.safetensors"
+    match = forge_key_match(fake_forge.sd_model, saved)
+    assert set(match.applied) == set(lora_module_shapes(saved)) and len(match.applied) == 60
+
+
+def test_forge_dropping_the_whole_file_is_reported_before_the_grid(fake_forge, fake_processing, tiny_config, monkeypatch):
+    """A Forge whose key table lacks this UNet's diffusers names leaves all 48 UNet modules (144 keys)
+    unmatched: over its limit of 12 it applies nothing of the file. Said after each save, before the grid."""
+    install_fake_forge_lora(monkeypatch, with_diffusers_names=False)
+    order: list[str] = []
+
+    def listen(ev):
+        if _loader_messages([ev]):
+            order.append("warning")
+
+    real = sys.modules["modules.processing"].process_images
+    monkeypatch.setattr(sys.modules["modules.processing"], "process_images", lambda p: (order.append("cell"), real(p))[1])
+    events: list = []
+    bus = EventBus(events.append, listen)
+    run_in_thread(ForgeHost(), _grid_cfg(tiny_config, grid_after_training=True), bus, StopControl())
+    [(level, first), (_, last)] = _loader_messages(events)
+    assert level == "warning" and order[:2] == ["warning", "warning"] and order.count("cell") == 4
+    assert "Forge will apply none of the 60 LoRA modules of t.safetensors (144 of its keys are unmatched" in last
+    assert "t-000001.safetensors" in first
+
+
+def test_forge_unmatched_and_misfit_modules_are_named(fake_forge, monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_trainer.hosts.forge import forge_key_match
+    from lora_trainer.hosts.webui_common import HostKeyCheck
+
+    install_fake_forge_lora(monkeypatch)
+    path = tmp_path / "odd.safetensors"
+    misfit = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a 32x32 layer
+    unknown = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_9_attn1_to_q"  # no such block
+
+    def module(stem, down_in):
+        return {f"{stem}.lora_down.weight": torch.zeros(4, down_in), f"{stem}.lora_up.weight": torch.zeros(32, 4),
+                f"{stem}.alpha": torch.tensor(4.0)}
+
+    save_file({**module(misfit, 16), **module(unknown, 32)}, str(path))
+    events: list = []
+    HostKeyCheck("Forge", lambda p: forge_key_match(fake_forge.sd_model, p), EventBus(events.append))(path)
+    [(level, text)] = _loader_messages(events)
+    assert level == "warning" and "Forge will ignore or misplace 2 of 2 LoRA modules of odd.safetensors" in text
+    assert f"1 match no layer of the loaded model ({unknown})" in text
+    assert f"{misfit} -> diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight: a 32x16 change for a 32x32 layer" in text
