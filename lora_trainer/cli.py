@@ -259,17 +259,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
         from .errors import MissingPackageError
 
         raise MissingPackageError("gradio", "lora_trainer ui") from None
+    from .api import PREFIX, add_routes, parse_credentials
+    from .ui.guard import is_loopback, launch_guarded, new_token
+
+    credentials = parse_credentials(args.auth)
+    if not is_loopback(args.host) and not credentials:
+        raise LoraTrainerError(
+            f"--host {args.host} lets other machines reach the page, which trains, writes files and reads folders: "
+            "add --auth user:password (or leave --host at 127.0.0.1)"
+        )
     cfg = _make_config(args)
     root = Path(__file__).resolve().parent.parent
     css = (root / "style.css").read_text() if (root / "style.css").is_file() else None
     backend = standalone_backend(defaults=cfg)
     tab = build_tab(backend, css=css)
-    tab.queue().launch(server_name=args.host, server_port=args.port, inbrowser=False, prevent_thread_lock=True)
-    from .api import PREFIX, add_routes
-
-    add_routes(tab.app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir),
-               start_grid=backend.start_grid)
-    print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save, /grid")
+    # the token travels in the printed link; LORA_TRAINER_TOKEN fixes it for scripts that start the page
+    token = os.environ.get("LORA_TRAINER_TOKEN") or new_token()
+    app = launch_guarded(tab, args.host, args.port, token, credentials)
+    add_routes(app, backend.start, backend.stop, backend.status, backend.defaults, lambda c: Path(c.output_dir),
+               start_grid=backend.start_grid, fixed_fields={"output_dir": cfg.output_dir})
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"Open http://{shown}:{args.port}/?token={token}", flush=True)
+    print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save, /grid "
+          f"(send 'Authorization: Bearer {token}'{' or the --auth credentials' if credentials else ''})", flush=True)
     tab.block_thread()
     return 0
 
@@ -424,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(u)
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--auth", metavar="USER:PASSWORD", help="HTTP basic credentials for the page and the REST routes "
+                   "(user:pass[,user2:pass2], as the WebUIs' --api-auth); needed to listen on a network address")
     u.set_defaults(func=cmd_ui)
 
     c = sub.add_parser("config", help="print the default (or resulting) configuration as TOML")

@@ -56,9 +56,9 @@ def server(tmp_path, demo_data):
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "LORA_TRAINER_TOKEN": "browser-test"},
     )
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{port}/?token=browser-test"  # the link the server prints
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
