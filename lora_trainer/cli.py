@@ -43,7 +43,7 @@ def _progress_listener(quiet: bool = False):
 
     def on_event(ev) -> None:
         if isinstance(ev, Message):
-            write(("WARNING: " if ev.level == "warning" else "") + ev.text)
+            write({"warning": "WARNING: ", "error": "ERROR: "}.get(ev.level, "") + ev.text)
         elif isinstance(ev, TrainingStarted):
             write(ev.summary)
             if tqdm is not None and not quiet:
@@ -244,7 +244,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else free_grid_path(Path(files[0]).parent, run_prefix(files))
     n = len(spec.cells())
     print(f"{len(spec.columns())} epochs x {len(spec.weights)} weights x {len(spec.seeds)} seeds = {n} images; prompt: {spec.prompt}")
-    result = build_grid(spec, generate, progress=lambda d, t: print(f"\r{d}/{t}", end="", flush=True), out_path=out)
+    # an explicit --out is replaced as asked; the default name never replaces an earlier grid
+    result = build_grid(
+        spec, generate, progress=lambda d, t: print(f"\r{d}/{t}", end="", flush=True), out_path=out, replace=bool(args.out)
+    )
     print(f"\ngrid saved: {result.path}")
     return 0
 

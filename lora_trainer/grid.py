@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 DEFAULT_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
 _EPOCH_RE = re.compile(r"-(\d{6})$")
+_GRID_NAME_RE = re.compile(r"_grid(-\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -193,10 +194,11 @@ def build_grid(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     out_path: str | Path | None = None,
+    replace: bool = True,
 ) -> GridResult:
     """Generate every cell (reporting progress), lay them out and save the PNG with its parameters.
 
-    Several seeds become extra row blocks, labelled with the seed."""
+    Several seeds become extra row blocks, labelled with the seed. ``replace``: see :func:`save_grid`."""
     cells = spec.cells()
     if not cells:
         raise ValueError("the grid needs at least one LoRA file, one weight and one seed")
@@ -225,7 +227,7 @@ def build_grid(
     result = GridResult(grid, cells, images, stopped=stopped)
     if out_path is not None:
         infotexts = [str(getattr(im, "info", {}).get("parameters", "")) for im in images]
-        result.path = save_grid(grid, out_path, spec, infotexts if any(infotexts) else None)
+        result.path = save_grid(grid, out_path, spec, infotexts if any(infotexts) else None, replace=replace)
     return result
 
 
@@ -235,11 +237,22 @@ def grid_parameters(spec: GridSpec) -> dict:
     return d
 
 
-def save_grid(image: Image.Image, path: str | Path, spec: GridSpec, cell_infotexts: list[str] | None = None) -> Path:
+def save_grid(
+    image: Image.Image,
+    path: str | Path,
+    spec: GridSpec,
+    cell_infotexts: list[str] | None = None,
+    *,
+    replace: bool = True,
+) -> Path:
     """PNG with its parameters in the PNG text (``lora_trainer_grid`` as JSON, ``parameters`` as text)
     and, when the cells came from a WebUI's txt2img, each cell's infotext as the WebUI wrote it
-    (``lora_trainer_cells``, JSON, row-major like the cells: the "Lora hashes" of each file)."""
-    from .network.save import atomic_write_bytes
+    (``lora_trainer_cells``, JSON, row-major like the cells: the "Lora hashes" of each file).
+
+    ``replace``: the running training rewrites its own grid as it grows; without it an existing
+    grid is never replaced and the next free name (``_grid-2.png`` ...) is taken, even when another
+    grid took ``path`` after it was chosen. Returns the path written."""
+    from .files import write_file
 
     info = PngInfo()
     params = grid_parameters(spec)
@@ -257,7 +270,12 @@ def save_grid(image: Image.Image, path: str | Path, spec: GridSpec, cell_infotex
 
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    return atomic_write_bytes(path, buf.getvalue())
+    path = Path(path)
+    while True:
+        try:
+            return write_file(path, buf.getvalue(), replace=replace)
+        except FileExistsError:
+            path = free_grid_path(path.parent, _GRID_NAME_RE.sub("", path.stem))
 
 
 def cell_at(result: GridResult, spec: GridSpec, x: int, y: int) -> Cell | None:
@@ -319,9 +337,10 @@ def make_grid(
     events,
     stop,
     out: str | Path,
+    replace: bool = True,
 ):
     """Build and save ``spec`` reporting GridProgress / GridSaved events; ``stop`` ends it early
-    (what was made is kept)."""
+    (what was made is kept). ``replace``: see :func:`save_grid`."""
     from .train.events import GridProgress, GridSaved
 
     events.info(
@@ -333,6 +352,7 @@ def make_grid(
         progress=lambda d, t: events.emit(GridProgress(d, t)),
         should_stop=lambda: stop.requested,
         out_path=out,
+        replace=replace,
     )
     events.emit(GridSaved(str(result.path), spec.best_epoch))
     return result
@@ -397,7 +417,8 @@ def grid_of_files(cfg, files: list[str], generate: Callable[[Cell], Image.Image]
     if missing:
         raise LoraTrainerError(f"LoRA file not found: {missing[0]}. Refresh the file list and choose again.")
     spec = grid_spec_from_config(cfg, files)
-    return make_grid(spec, generate, events, stop, free_grid_path(Path(files[0]).parent, run_prefix(files)))
+    out = free_grid_path(Path(files[0]).parent, run_prefix(files))
+    return make_grid(spec, generate, events, stop, out, replace=False)
 
 
 def lora_files_in(folder: str | Path) -> list[str]:

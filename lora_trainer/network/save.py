@@ -1,7 +1,7 @@
-"""Writing LoRA files: kohya metadata hashes and atomic placement.
+"""Writing LoRA files: kohya metadata hashes; placed by :mod:`lora_trainer.files`.
 
 A host may scan ``models/Lora`` at any moment, so a file is written under a temporary name
-in the same folder and renamed into place; a reader sees either no file or the whole file.
+in the same folder and linked into place; a reader sees either no file or the whole file.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import write_file
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -81,28 +81,12 @@ def serialize_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     return safetensors_bytes(tensors, meta)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    return atomic_write_bytes(path, serialize_lora(tensors, metadata))
+def save_lora_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, replace: bool = False
+) -> Path:
+    """Write the LoRA file with :func:`lora_trainer.files.write_file`: complete or absent, and
+    ``FileExistsError`` rather than replacing a file of that name unless ``replace``."""
+    return write_file(path, serialize_lora(tensors, metadata), replace=replace)
 
 
 def json_meta(value: object) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 
 from ..dataset import image_to_tensor, load_image
+from ..files import write_file
 
 CACHE_SUFFIX = ".lora_trainer.npz"
 
@@ -114,10 +113,7 @@ def build_latent_cache(
 def _write_npz(path: Path, latents: torch.Tensor, key: str) -> None:
     buf = io.BytesIO()
     np.savez(buf, latents=latents.numpy(), key=np.array(key))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_file(path, buf.getvalue(), replace=True)  # a cache: a stale or foreign one is replaced
 
 
 # --------------------------------------------------------------------------- text-encoder outputs
