@@ -289,7 +289,7 @@ class TrainingJob:
                 s = replace(s, grid_path=ev.path)
                 self._messages.append(f"grid saved: {ev.path}")
             elif isinstance(ev, Message):
-                self._messages.append(("warning: " if ev.level == "warning" else "") + ev.text)
+                self._messages.append({"warning": "warning: ", "error": "error: "}.get(ev.level, "") + ev.text)
             elif isinstance(ev, TrainingFinished):
                 self._training_stopped = ev.stopped
                 s = replace(s, state=FINISHING, eta=0.0, elapsed=ev.seconds)

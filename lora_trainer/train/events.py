@@ -127,15 +127,31 @@ class EventBus:
 
 
 class StopControl:
-    """Thread-safe stop request: ``stop()`` discards the unfinished epoch, ``stop(save=True)`` saves now."""
+    """Thread-safe stop request: ``stop()`` discards the unfinished epoch, ``stop(save=True)`` saves now.
+
+    Requests are counted, so a loop that waits on a failed save can tell a new press of Stop
+    (give up) or Stop and save (try again now) from the request that started the save."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._changed = threading.Condition()
         self.save = False
+        self.requests = 0
+        self.last_save = False  # the kind of the latest request
 
     def stop(self, save: bool = False) -> None:
-        self.save = self.save or save
-        self._event.set()
+        with self._changed:
+            self.save = self.save or save
+            self.last_save = save
+            self.requests += 1
+            self._event.set()
+            self._changed.notify_all()
+
+    def wait_for_request(self, seen: int, timeout: float) -> int:
+        """Wait until there are more than ``seen`` requests, at most ``timeout`` s; the count."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.requests != seen, timeout)
+            return self.requests
 
     @property
     def requested(self) -> bool:

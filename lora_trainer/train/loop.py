@@ -37,6 +37,7 @@ from .events import (
 from .metadata import RunInfo, build_metadata
 from .noise import add_noise, min_snr_weight, sample_noise, sample_timesteps, target_for
 from .optim import build_optimizer, current_lrs
+from .output import check_output_folder, save_or_keep
 from .runtime import Runtime
 from .schedulers import build_scheduler
 from .validation import Validator, choose_validation
@@ -108,8 +109,9 @@ def plan(
 
 
 def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool = False) -> DatasetScan:
-    """Everything that can be checked before a model is loaded: the config, the dataset, and that
-    no existing LoRA file would be overwritten. Returns the dataset scan for :func:`train`."""
+    """Everything that can be checked before a model is loaded: the config, the dataset, that no
+    existing LoRA file would be overwritten, and that the output folder takes the files (temp files
+    of interrupted saves removed first). Returns the dataset scan for :func:`train`."""
     cfg.validate()
     check_text_encoder_cache(cfg)
     check_bucket_config(cfg)
@@ -123,6 +125,8 @@ def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool 
             f"a name not used yet in {output_dir}: {clash[0].name} exists (hosts cache LoRAs by name, so files are never "
             "overwritten). Choose another output_name, or delete the old files",
         )
+    cache_folders = sorted({s.dir for s in scan.subsets}) if cfg.cache_latents_to_disk else []
+    check_output_folder(cfg, plan(cfg, scan)[1], cache_folders, events)
     return scan
 
 
@@ -250,7 +254,10 @@ def train(
         if _deterministic_ids():
             meta["ss_training_started_at"] = meta["ss_training_finished_at"] = "0"
             meta["modelspec.date"] = "1970-01-01T00:00:00"
-        save_lora_file(path, network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]), meta)
+        tensors = network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+        # never replaces a file of that name that appeared since preflight (another run), unless overwrite
+        if not save_or_keep(lambda: save_lora_file(path, tensors, meta, replace=overwrite), path, final, events, stop):
+            return
         result.files.append(path)
         events.emit(FileSaved(str(path), epoch, step, final))
         if after_save is not None:
