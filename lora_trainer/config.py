@@ -103,7 +103,7 @@ class TrainConfig:
     cache_text_encoder_outputs: bool = _f(
         False, "training", "Encode every caption once before training (needs train_text_encoder, shuffle and dropout off)"
     )
-    seed: int = _f(42, "training", "Random seed (same seed, same file on CPU)", min=0)
+    seed: int = _f(42, "training", "Random seed (same seed, same file: see the README for when)", min=0)
     noise_offset: float = _f(0.0, "training", "Noise offset (0 = off; 0.05-0.1 typical)", min=0.0, max=1.0)
     min_snr_gamma: float = _f(0.0, "training", "Min-SNR weighting gamma (0 = off; 5 typical)", min=0.0)
     clip_skip: int = _f(1, "training", "Use the output of the n-th last text-encoder layer", min=1, max=12)

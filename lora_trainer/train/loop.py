@@ -466,7 +466,7 @@ def _param_groups(network: LoRANetwork, cfg: TrainConfig) -> list[dict]:
 
 
 def _deterministic_ids() -> bool:
-    """LORA_TRAINER_DETERMINISTIC=1 fixes the time stamps and session id (byte-identical files)."""
+    """LORA_TRAINER_DETERMINISTIC=1 fixes the time stamps and session id (byte-identical files: the README says when)."""
     import os
 
     return os.environ.get("LORA_TRAINER_DETERMINISTIC", "") == "1"
