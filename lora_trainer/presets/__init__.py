@@ -12,10 +12,8 @@ Does not import torch.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from ..config import TrainConfig, _toml_value
 from ..errors import ConfigError, LoraTrainerError
+from ..files import write_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 
@@ -193,18 +192,11 @@ def save_user_preset(
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{_slug(name)}.toml"
-    if path.exists() and not overwrite:
-        raise LoraTrainerError(f"{path}: a preset with this name exists already. Choose another name or allow overwriting")
     text = preset_toml(name, cfg, description, include_run_fields)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return write_file(path, text.encode("utf-8"), replace=overwrite)
+    except FileExistsError:  # never replaced without overwrite, even one saved a moment ago elsewhere
+        raise LoraTrainerError(f"{path}: a preset with this name exists already. Choose another name or allow overwriting") from None
 
 
 __all__ = [
