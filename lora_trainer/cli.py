@@ -274,7 +274,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cfg = _make_config(args)
     root = Path(__file__).resolve().parent.parent
     css = (root / "style.css").read_text() if (root / "style.css").is_file() else None
-    backend = standalone_backend(defaults=cfg)
+    from .roots import Roots
+
+    roots = Roots.from_start(args.data_root or [os.getcwd()], args.models_root or [os.getcwd()], cfg)
+    backend = standalone_backend(defaults=cfg, roots=roots)
     tab = build_tab(backend, css=css)
     # the token travels in the printed link; LORA_TRAINER_TOKEN fixes it for scripts that start the page
     token = os.environ.get("LORA_TRAINER_TOKEN") or new_token()
@@ -283,6 +286,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                start_grid=backend.start_grid, fixed_fields={"output_dir": cfg.output_dir})
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Open http://{shown}:{args.port}/?token={token}", flush=True)
+    print(f"Datasets under {', '.join(roots.data)}; models under {', '.join(roots.models)}", flush=True)
     print(f"REST routes: {PREFIX}/train, /status, /stop, /stop_and_save, /grid "
           f"(send 'Authorization: Bearer {token}'{' or the --auth credentials' if credentials else ''})", flush=True)
     tab.block_thread()
@@ -441,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=7861)
     u.add_argument("--auth", metavar="USER:PASSWORD", help="HTTP basic credentials for the page and the REST routes "
                    "(user:pass[,user2:pass2], as the WebUIs' --api-auth); needed to listen on a network address")
+    u.add_argument("--data-root", action="append", metavar="FOLDER", help="a folder whose datasets the page may train "
+                   "on (repeatable; default: the current folder, plus the config's train_data_dir)")
+    u.add_argument("--models-root", action="append", metavar="FOLDER", help="a folder whose models the page may load "
+                   "(repeatable; default: the current folder, plus the config's model folder)")
     u.set_defaults(func=cmd_ui)
 
     c = sub.add_parser("config", help="print the default (or resulting) configuration as TOML")

@@ -158,7 +158,18 @@ def test_the_running_server_answers_only_its_user(tmp_path):
         assert code == 403, body
         code, body = _request(base + "/lora_trainer/v1/status", headers={"authorization": f"Bearer {token}"})
         assert code == 200 and json.loads(body)["state"] == "idle"
-        assert not list(tmp_path.rglob("*.safetensors"))
+        # the client names no folder outside the roots the page was started with (the current folder here)
+        me = {"authorization": f"Bearer {token}"}
+        answers = {}
+        for field, value in (("train_data_dir", "/etc"), ("train_data_dir", "/no/such/dir"), ("pretrained_model", "/etc/shadow"),
+                             ("train_data_dir", str(tmp_path / ".." / "outside"))):
+            code, body = _request(train, {field: value, "output_name": "x"}, me)
+            assert code == 422 and json.loads(body)["field"] == field, body
+            answers[value] = json.loads(body)["allowed"]
+        assert answers["/etc"] == answers["/no/such/dir"]  # nothing told about what exists
+        code, body = _request(base + "/lora_trainer/v1/grid", {"files": ["a.safetensors"], "output_dir": "/"}, me)
+        assert code in (400, 422), body  # the LoRA folder is the server's: "/" is ignored, the file is not in it
+        assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.png"))
     finally:
         proc.terminate()
         try:

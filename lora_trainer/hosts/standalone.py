@@ -9,6 +9,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..model.bundle import ModelBundle
 from ..model.sd import DiffusersSD, make_sd_bundle
+from ..roots import Roots
 from ..train.runtime import Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,20 +113,32 @@ class StandaloneHost:
         grid_of_files(cfg, files, StandaloneGenerator(parts), events, stop)
 
 
-def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None):
-    """The tab's backend over a standalone host and one background job."""
+def standalone_backend(host: StandaloneHost | None = None, defaults: TrainConfig | None = None, roots: Roots | None = None):
+    """The tab's backend over a standalone host and one background job. With ``roots`` (a served page),
+    every path a request names must lie under them."""
     from ..job import TrainingJob
     from ..ui.tab import TabBackend
 
     host = host or StandaloneHost()
     job = TrainingJob(host.run, grid=host.build_grid)
     base = defaults or TrainConfig()
+
+    def start(cfg: TrainConfig) -> None:
+        if roots is not None:
+            roots.check(cfg)
+        job.start(cfg)
+
+    def start_grid(cfg: TrainConfig, files: list[str]) -> None:
+        if roots is not None:
+            roots.check(cfg)
+        job.start_grid(cfg, files)
+
     return TabBackend(
         host_name="standalone",
-        start=job.start,
+        start=start,
         stop=job.stop,
         status=job.status,
-        start_grid=job.start_grid,
+        start_grid=start_grid,
         lora_folder=lambda cfg: Path(cfg.output_dir),
         defaults=lambda: TrainConfig(**base.to_dict()),
         notes="Standalone: the base model is loaded from pretrained_model "
