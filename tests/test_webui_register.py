@@ -215,3 +215,23 @@ def test_route_keeps_files_in_the_lora_folder(env, demo_data, tmp_path):
     s = client.get(f"{PREFIX}/status").json()
     assert s["state"] == "failed" and "No checkpoint is loaded" in s["error"]
     assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,warned",
+    [
+        ({}, None),
+        ({"listen": True}, "--gradio-auth and --api-auth"),
+        ({"listen": True, "gradio_auth": "u:p"}, "--api-auth"),
+        ({"share": True, "api_auth": "u:p"}, "--gradio-auth"),
+        ({"listen": True, "gradio_auth": "u:p", "api_auth": "u:p"}, None),
+    ],
+)
+def test_the_tab_warns_when_the_webui_is_open_to_the_network_without_credentials(env, flags, warned):
+    for attr in ("listen", "share", "server_name", "gradio_auth", "api_auth"):
+        setattr(env.shared.cmd_opts, attr, flags.get(attr))
+    notes = webui.make_backend().notes
+    if warned is None:
+        assert "Warning" not in notes
+    else:
+        assert "reachable from other machines" in notes and f"without {warned}:" in notes

@@ -112,6 +112,27 @@ def _default_lora_dir(host) -> str:
         return str(Path("models") / "Lora")
 
 
+def _open_to_the_network() -> str:
+    """What the tab should say when the WebUI listens beyond this machine without credentials: then
+    anyone who can reach it can start trainings and fill the LoRA folder, through the tab and REST."""
+    try:
+        from modules import shared
+
+        opts = shared.cmd_opts
+    except Exception:  # noqa: BLE001 - no host (tests, a stripped host)
+        return ""
+    listening = getattr(opts, "listen", False) or getattr(opts, "share", False) or getattr(opts, "server_name", None)
+    if not listening:
+        return ""
+    missing = [flag for flag, attr in (("--gradio-auth", "gradio_auth"), ("--api-auth", "api_auth")) if not getattr(opts, attr, None)]
+    if not missing:
+        return ""
+    return (
+        "the WebUI is reachable from other machines (--listen/--share/--server-name) without "
+        f"{' and '.join(missing)}: anyone who can reach it can start a training here. Add {' and '.join(missing)} user:password."
+    )
+
+
 def make_backend(kind: str | None = None):
     """One TrainingJob over the detected host, and the tab's backend for it."""
     from ..job import TrainingJob
@@ -137,6 +158,8 @@ def make_backend(kind: str | None = None):
     )
     if isinstance(host, UnavailableHost):
         notes = host.reason
+    elif exposure := _open_to_the_network():
+        notes += f" Warning: {exposure}"
     return TabBackend(
         host_name=host.name,
         start=job.start,
