@@ -4,12 +4,14 @@ Screenshots go to test-artifacts/ (kept by CI in its log)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,11 @@ def test_user_trains_from_the_standalone_tab(server):
         page.locator("#lora_trainer_files code", has_text="<lora:browser:1>").wait_for(timeout=30_000)
         page.screenshot(path=str(shots / "4-stopped-and-saved.png"), full_page=True)
         browser.close()
+    # the REST routes are mounted on the same server (after gradio's launch) and report the same job
+    status = urllib.request.Request(url.split("?")[0] + "lora_trainer/v1/status", headers={"authorization": "Bearer browser-test"})
+    with urllib.request.urlopen(status, timeout=10) as r:
+        rest = json.load(r)
+    assert rest["state"] == "stopped" and "<lora:browser:1>" in [f["tag"] for f in rest["files"]]
     out = Path(cfg.output_dir)
     assert (out / "browser.safetensors").is_file()
     assert (out / "browser-000001.safetensors").is_file()
