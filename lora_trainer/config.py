@@ -22,6 +22,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError
+from .filenames import name_problem
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "DAdaptAdam", "Prodigy", "Lion")
 SCHEDULERS = (
@@ -38,6 +39,45 @@ SAVE_PRECISION = ("fp16", "bf16", "float")
 ATTENTION = ("sdpa", "xformers")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 _OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-()\[\]]*$")
+
+# Upper bounds of the size options. A value past one is a typo or a test of the limits, and would
+# otherwise be found late (a multi-GB cache, a file name the file system refuses) or never (a run of
+# years). Each is generous for real use.
+MAX_RESOLUTION = 4096
+"""SDXL is trained at 1024, its buckets and some fine-tunes reach 2048; twice that leaves room. One
+4096 px image is 48 MiB as float pixels and a 4 MiB latent, already more than most runs can afford."""
+MAX_BUCKET_STEPS = 1024
+"""kohya uses 64; a step as large as a quarter of the largest resolution leaves a handful of buckets."""
+MAX_RANK = 1024
+"""kohya users train dim up to 256, sometimes 512; 1024 is close to full rank for SD's widest layers
+(1280). Alpha above the rank scales the update past 1x, so it shares the bound."""
+MAX_BATCH = 256
+"""64 SD1.5 images at 512 px fill a 140 GB GPU; larger batches are gradient accumulation's job."""
+MAX_ACCUMULATION = 256
+"""Batch x accumulation = 65536 images per optimizer step, far past any LoRA recipe."""
+MAX_EPOCHS = 10_000
+"""Guides train 10-100 epochs; epoch files are named with six digits (``-000001``)."""
+MAX_STEPS = 1_000_000
+"""LoRA runs take hundreds to tens of thousands of steps; a million is months of SDXL on one GPU."""
+MAX_CYCLES = 1_000
+"""A restart every few steps at most is already no schedule."""
+MAX_POWER = 100.0
+"""Polynomial decay uses powers around 1; 100 drops the lr to nothing after the first steps."""
+MAX_SEED = 2**32 - 1
+"""The WebUIs' seed range (A1111 and Forge draw 32-bit seeds); torch's generators take it."""
+MAX_SNR_GAMMA = 1_000.0
+"""The paper uses 5; past a few hundred the weight is 1 for every timestep (no weighting)."""
+MAX_KEEP_TOKENS = 225
+"""A caption's tags cannot outnumber the 225 tokens of kohya's longest (3 x 75) caption."""
+MAX_GRID_WEIGHTS = 20
+"""Rows of the grid: each is one image per epoch file; guides use 4-6 weights."""
+MAX_TEXT = 4096
+"""Any text option (paths, prompts, optimizer_args): 4096 bytes is Linux's longest path, and an
+A1111 prompt this long is over 700 tokens."""
+OUTPUT_NAME_EXTRA_BYTES = 32
+"""Bytes the longest file named after output_name adds to it: the temporary file a grid is written to,
+``.<name>_grid-<n>.<8 random>.tmp`` (20 + the digits of n), and an epoch file's
+``.<name>-000001.<8 random>.tmp`` (21); 32 leaves n up to 12 digits."""
 
 
 def _f(default: Any, section: str, help: str, **extra: Any) -> Any:
@@ -56,17 +96,17 @@ class TrainConfig:
     prediction_type: str = _f("auto", "model", "Training target", choices=PREDICTION_TYPES)
     # dataset
     train_data_dir: str = _f("", "dataset", "Folder holding <repeats>_<name>/ sub-folders of images and captions")
-    caption_extension: str = _f(".txt", "dataset", "Extension of caption files next to each image")
-    resolution: int = _f(512, "dataset", "Training resolution in pixels (square)", min=64, multiple=8)
+    caption_extension: str = _f(".txt", "dataset", "Extension of caption files next to each image", max_len=16)
+    resolution: int = _f(512, "dataset", "Training resolution in pixels (square)", min=64, max=MAX_RESOLUTION, multiple=8)
     alpha_background: str = _f("#ffffff", "dataset", "Colour transparent pixels are composed over (#rrggbb)")
     shuffle_caption: bool = _f(False, "dataset", "Shuffle comma-separated tags each step")
-    keep_tokens: int = _f(0, "dataset", "Leading tags never shuffled or dropped", min=0)
+    keep_tokens: int = _f(0, "dataset", "Leading tags never shuffled or dropped", min=0, max=MAX_KEEP_TOKENS)
     caption_dropout_rate: float = _f(0.0, "dataset", "Probability of training an image with an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = _f(0.0, "dataset", "Probability of dropping each tag (after keep_tokens)", min=0.0, max=1.0)
     enable_bucket: bool = _f(False, "dataset", "Aspect-ratio buckets: train each image near its own shape instead of a centre square")
-    min_bucket_reso: int = _f(256, "dataset", "Smallest bucket side in pixels", min=32, multiple=8)
-    max_bucket_reso: int = _f(1024, "dataset", "Largest bucket side in pixels", min=64, multiple=8)
-    bucket_reso_steps: int = _f(64, "dataset", "Bucket sides are multiples of this (64 as kohya)", min=8, multiple=8)
+    min_bucket_reso: int = _f(256, "dataset", "Smallest bucket side in pixels", min=32, max=MAX_RESOLUTION, multiple=8)
+    max_bucket_reso: int = _f(1024, "dataset", "Largest bucket side in pixels", min=64, max=MAX_RESOLUTION, multiple=8)
+    bucket_reso_steps: int = _f(64, "dataset", "Bucket sides are multiples of this (64 as kohya)", min=8, max=MAX_BUCKET_STEPS, multiple=8)
     bucket_no_upscale: bool = _f(False, "dataset", "Never enlarge an image to fill a bucket: small images get smaller buckets")
     validation_loss: bool = _f(True, "dataset", "Measure a validation loss after every epoch (fixed noise and timesteps)")
     validation_split: float = _f(
@@ -74,10 +114,10 @@ class TrainConfig:
     )
     # network
     network_type: str = _f("Standard", "network", "LoRA kind: Standard (attention + MLP) or LoCon (+ 3x3 convs)", choices=NETWORK_TYPES)
-    network_dim: int = _f(32, "network", "LoRA rank", min=1, max=1024)
-    network_alpha: float = _f(16.0, "network", "LoRA alpha (scale = alpha / rank)", min=0.0)
-    conv_dim: int = _f(8, "network", "LoCon rank of 3x3 convolutions", min=1, max=1024)
-    conv_alpha: float = _f(1.0, "network", "LoCon alpha of 3x3 convolutions", min=0.0)
+    network_dim: int = _f(32, "network", "LoRA rank", min=1, max=MAX_RANK)
+    network_alpha: float = _f(16.0, "network", "LoRA alpha (scale = alpha / rank)", min=0.0, max=MAX_RANK)
+    conv_dim: int = _f(8, "network", "LoCon rank of 3x3 convolutions", min=1, max=MAX_RANK)
+    conv_alpha: float = _f(1.0, "network", "LoCon alpha of 3x3 convolutions", min=0.0, max=MAX_RANK)
     train_text_encoder: bool = _f(True, "network", "Train LoRA on the text encoder too (off = network_train_unet_only)")
     # optimizer
     optimizer: str = _f("AdamW", "optimizer", "Optimizer", choices=OPTIMIZERS)
@@ -87,14 +127,14 @@ class TrainConfig:
     text_encoder_lr: float = _f(5e-5, "optimizer", "Text encoder learning rate", min=0.0)
     text_encoder2_lr: float = _f(0.0, "optimizer", "SDXL second text encoder learning rate (0 = same as text_encoder_lr)", min=0.0)
     lr_scheduler: str = _f("cosine_with_restarts", "optimizer", "Learning-rate schedule", choices=SCHEDULERS)
-    lr_scheduler_num_cycles: int = _f(3, "optimizer", "Restarts of cosine_with_restarts", min=1)
-    lr_scheduler_power: float = _f(1.0, "optimizer", "Power of the polynomial schedule", min=0.0)
-    lr_warmup_steps: float = _f(0.0, "optimizer", "Warm-up steps (a value below 1 is a fraction of all steps)", min=0.0)
+    lr_scheduler_num_cycles: int = _f(3, "optimizer", "Restarts of cosine_with_restarts", min=1, max=MAX_CYCLES)
+    lr_scheduler_power: float = _f(1.0, "optimizer", "Power of the polynomial schedule", min=0.0, max=MAX_POWER)
+    lr_warmup_steps: float = _f(0.0, "optimizer", "Warm-up steps (a value below 1 is a fraction of all steps)", min=0.0, max=MAX_STEPS)
     # training
-    train_batch_size: int = _f(1, "training", "Images per step", min=1)
-    max_train_epochs: int = _f(10, "training", "Epochs (ignored when max_train_steps is set)", min=1)
-    max_train_steps: int = _f(0, "training", "Total optimizer steps (0 = from epochs)", min=0)
-    gradient_accumulation_steps: int = _f(1, "training", "Batches accumulated per optimizer step", min=1)
+    train_batch_size: int = _f(1, "training", "Images per step", min=1, max=MAX_BATCH)
+    max_train_epochs: int = _f(10, "training", "Epochs (ignored when max_train_steps is set)", min=1, max=MAX_EPOCHS)
+    max_train_steps: int = _f(0, "training", "Total optimizer steps (0 = from epochs)", min=0, max=MAX_STEPS)
+    gradient_accumulation_steps: int = _f(1, "training", "Batches accumulated per optimizer step", min=1, max=MAX_ACCUMULATION)
     gradient_checkpointing: bool = _f(False, "training", "Trade compute for memory")
     mixed_precision: str = _f("no", "training", "Compute precision", choices=MIXED_PRECISION)
     attention: str = _f("sdpa", "training", "Attention kernel", choices=ATTENTION)
@@ -103,14 +143,14 @@ class TrainConfig:
     cache_text_encoder_outputs: bool = _f(
         False, "training", "Encode every caption once before training (needs train_text_encoder, shuffle and dropout off)"
     )
-    seed: int = _f(42, "training", "Random seed (same seed, same file: see the README for when)", min=0)
+    seed: int = _f(42, "training", "Random seed (same seed, same file: see the README for when)", min=0, max=MAX_SEED)
     noise_offset: float = _f(0.0, "training", "Noise offset (0 = off; 0.05-0.1 typical)", min=0.0, max=1.0)
-    min_snr_gamma: float = _f(0.0, "training", "Min-SNR weighting gamma (0 = off; 5 typical)", min=0.0)
+    min_snr_gamma: float = _f(0.0, "training", "Min-SNR weighting gamma (0 = off; 5 typical)", min=0.0, max=MAX_SNR_GAMMA)
     clip_skip: int = _f(1, "training", "Use the output of the n-th last text-encoder layer", min=1, max=12)
     # output
     output_dir: str = _f("output", "output", "Folder the LoRA files are written to")
     output_name: str = _f("lora", "output", "File name of the LoRA (epoch files get -000001 ...)")
-    save_every_n_epochs: int = _f(1, "output", "Save a LoRA file every n epochs (0 = only the final one)", min=0)
+    save_every_n_epochs: int = _f(1, "output", "Save a LoRA file every n epochs (0 = only the final one)", min=0, max=MAX_EPOCHS)
     save_precision: str = _f("fp16", "output", "Precision of the saved LoRA", choices=SAVE_PRECISION)
     logging_dir: str = _f("", "output", "TensorBoard folder (empty = no logging)")
     # grid (epochs x LoRA weights, built at the end of training)
@@ -121,7 +161,7 @@ class TrainConfig:
     grid_weights: str = _f("0, 0.4, 0.6, 0.8, 1.0", "grid", "LoRA weights of the grid's rows, comma-separated")
     grid_prompt: str = _f("", "grid", "Prompt of the grid (empty = trigger word and the most frequent tags)")
     grid_negative_prompt: str = _f("", "grid", "Negative prompt of the grid")
-    grid_seed: int = _f(1234, "grid", "Seed of every grid cell (one fixed seed)", min=0)
+    grid_seed: int = _f(1234, "grid", "Seed of every grid cell (one fixed seed)", min=0, max=MAX_SEED)
     grid_steps: int = _f(20, "grid", "Sampling steps per grid cell", min=1, max=150)
     grid_cfg_scale: float = _f(7.0, "grid", "CFG scale of the grid", min=1.0, max=30.0)
 
@@ -130,12 +170,7 @@ class TrainConfig:
         """Raise :class:`ConfigError` for the first invalid field; return self when all are valid."""
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
-        if not _OUTPUT_NAME_RE.match(self.output_name) or self.output_name in (".", ".."):
-            raise ConfigError(
-                "output_name",
-                self.output_name,
-                "letters, digits, space and _ . - ( ) [ ], starting with a letter or digit (no folder separators)",
-            )
+        self._check_output_name()
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise ConfigError("caption_extension", self.caption_extension, "an extension starting with a dot, e.g. .txt")
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.alpha_background):
@@ -146,6 +181,17 @@ class TrainConfig:
         if self.mixed_precision == "fp16" and self.save_precision == "bf16":
             pass  # allowed: kohya allows it too
         return self
+
+    def _check_output_name(self) -> None:
+        if not _OUTPUT_NAME_RE.match(self.output_name) or self.output_name in (".", ".."):
+            raise ConfigError(
+                "output_name",
+                self.output_name,
+                "letters, digits, space and _ . - ( ) [ ], starting with a letter or digit (no folder separators)",
+            )
+        problem = name_problem(self.output_name, OUTPUT_NAME_EXTRA_BYTES)
+        if problem:
+            raise ConfigError("output_name", self.output_name, problem)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,8 +275,8 @@ class TrainConfig:
             weights = [float(w) for w in self.grid_weights.replace(";", ",").split(",") if w.strip()]
         except ValueError:
             weights = []
-        if not weights or any(not (-5.0 <= w <= 5.0) for w in weights):
-            raise ConfigError("grid_weights", self.grid_weights, "comma-separated numbers between -5 and 5, e.g. 0, 0.4, 0.6, 0.8, 1.0")
+        if not weights or len(weights) > MAX_GRID_WEIGHTS or any(not (-5.0 <= w <= 5.0) for w in weights):
+            raise ConfigError("grid_weights", self.grid_weights, f"1 to {MAX_GRID_WEIGHTS} comma-separated numbers between -5 and 5, e.g. 0, 0.4, 0.6, 0.8, 1.0")
         return weights
 
     @property
@@ -309,6 +355,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
     if "choices" in m and value not in m["choices"]:
         # accept a case-insensitive match by correcting nothing: tell the user the exact spelling
         raise ConfigError(f.name, value, "one of " + ", ".join(m["choices"]))
+    if isinstance(value, str) and len(value) > m.get("max_len", MAX_TEXT):
+        raise ConfigError(f.name, value, f"a text of at most {m.get('max_len', MAX_TEXT)} characters (it has {len(value)})")
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         raise ConfigError(f.name, value, "a finite number")
     lo, hi = m.get("min"), m.get("max")

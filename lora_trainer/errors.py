@@ -16,7 +16,19 @@ class ConfigError(LoraTrainerError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"Invalid value for '{field}': {value!r}. Allowed: {allowed}.")
+        super().__init__(f"Invalid value for '{field}': {_shown(value)}. Allowed: {allowed}.")
+
+
+_SHOWN_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    """The value as the message shows it: a 30 MB name must not come back as a 30 MB error line."""
+    text = repr(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[:_SHOWN_CHARS]}... ({size})"
 
 
 class DatasetError(LoraTrainerError):

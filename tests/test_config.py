@@ -221,17 +221,51 @@ INVALID = [
     ("optimizer_args", "decouple", ["decouple", "no '='"]),
     ("optimizer_args", "weight decay=0.1", ["weight", "no '='"]),
     ("optimizer_args", "1x=2", ["1x", "Python name"]),
+    # upper bounds: each size option, one past what is allowed
+    ("resolution", 100_000, ["<= 4096"]),
+    ("resolution", 4104, ["<= 4096"]),
+    ("min_bucket_reso", 8192, ["<= 4096"]),
+    ("max_bucket_reso", 8192, ["<= 4096"]),
+    ("bucket_reso_steps", 2048, ["<= 1024"]),
+    ("train_batch_size", 257, ["<= 256"]),
+    ("gradient_accumulation_steps", 257, ["<= 256"]),
+    ("network_dim", 1025, ["<= 1024"]),
+    ("network_alpha", 1025.0, ["<= 1024"]),
+    ("conv_dim", 1025, ["<= 1024"]),
+    ("conv_alpha", 1e9, ["<= 1024"]),
+    ("max_train_epochs", 10_001, ["<= 10000"]),
+    ("max_train_steps", 1_000_001, ["<= 1000000"]),
+    ("lr_warmup_steps", 1e7, ["<= 1000000"]),
+    ("lr_scheduler_num_cycles", 1001, ["<= 1000"]),
+    ("save_every_n_epochs", 10_001, ["<= 10000"]),
+    ("keep_tokens", 226, ["<= 225"]),
+    ("seed", 2**32, ["<= 4294967295"]),
+    ("grid_seed", 2**63, ["<= 4294967295"]),
+    ("grid_weights", ",".join(["1"] * 21), ["1 to 20"]),
+    ("grid_prompt", "tag, " * 1000, ["at most 4096 characters", "it has 5000"]),
+    ("pretrained_model", "x" * 5000, ["at most 4096"]),
+    ("caption_extension", "." + "t" * 20, ["at most 16"]),
+    # output_name: valid on Windows too, and short enough for every file written from it
+    ("output_name", "a" * 224, ["at most 223 bytes", "it has 224"]),
+    ("output_name", "con", ["Windows device name"]),
+    ("output_name", "CON", ["Windows device name"]),
+    ("output_name", "nul.tar", ["Windows device name"]),
+    ("output_name", "Com1", ["Windows device name"]),
+    ("output_name", "lpt9 .x", ["Windows device name"]),
+    ("output_name", "lora.", ["end with a dot"]),
+    ("output_name", "lora ", ["end with a dot or a space"]),
 ]
 
 
-@pytest.mark.parametrize("field, value, allowed", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+@pytest.mark.parametrize("field, value, allowed", INVALID, ids=[f"{f}={v!r}"[:60] for f, v, _ in INVALID])
 def test_invalid_values_name_field_value_and_allowed(field, value, allowed):
     cfg = dataclasses.replace(TrainConfig(), **{field: value})
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     msg = str(e.value)
     assert e.value.field == field
-    assert msg.startswith(f"Invalid value for '{field}': {value!r}. Allowed: ")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."  # long values are cut
+    assert msg.startswith(f"Invalid value for '{field}': {shown}")
     for word in allowed:
         assert word in msg, (word, msg)
 
@@ -248,6 +282,36 @@ def test_valid_edge_values_pass():
         noise_offset=0.0,
     )
     assert ok.validate() is ok
+
+
+def test_upper_bounds_themselves_pass():
+    ok = dataclasses.replace(
+        TrainConfig(),
+        resolution=4096,
+        max_bucket_reso=4096,
+        train_batch_size=256,
+        network_dim=1024,
+        network_alpha=1024.0,
+        max_train_epochs=10_000,
+        max_train_steps=1_000_000,
+        seed=2**32 - 1,
+        output_name="a" * 223,
+        grid_weights=",".join(["1"] * 20),
+    )
+    assert ok.validate() is ok
+
+
+@pytest.mark.parametrize("name", ["console", "con_1", "nul-lora", "COM10", "LPT0", "my.con", "a.b"])
+def test_names_that_only_look_like_windows_devices_pass(name):
+    assert dataclasses.replace(TrainConfig(), output_name=name).validate().output_name == name
+
+
+def test_huge_value_is_shortened_in_the_message():
+    cfg = dataclasses.replace(TrainConfig(), output_name="x" * 30_000_000)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    assert len(msg) < 300 and "30000000 characters" in msg and e.value.field == "output_name"
 
 
 def test_invalid_values_from_toml_and_set_are_caught_too(tmp_path):

@@ -178,6 +178,30 @@ def test_set_repeats_renames_the_folder(sources: Path, tmp_path: Path) -> None:
     res = write_layout(tmp_path / "p", "ohwx", sources, 10)
     new = set_repeats(res.subset_dir, 4)
     assert new.name == "4_ohwx" and new.is_dir() and not res.subset_dir.exists()
+    with pytest.raises(DatasetError, match="at most 10000"):
+        set_repeats(new, 20240101)
+    assert new.is_dir()
+
+
+@pytest.mark.parametrize(
+    "name, repeats, words",
+    [
+        ("ohwx.", 10, "end with a dot"),
+        ("x" * 253, 10, "at most 255 bytes"),  # "10_" + 253 = 256 bytes
+        ("é" * 127, 1, "at most 255 bytes"),  # 2 bytes each: "1_" + 254 = 256 bytes
+        ("tab\tname", 10, "control characters"),
+        ("ohwx", 20240101, "at most 10000"),
+        ("ohwx", 0, "at least 1"),
+    ],
+)
+def test_layout_refuses_names_and_repeats_windows_or_training_cannot_use(
+    sources: Path, tmp_path: Path, name: str, repeats: int, words: str
+) -> None:
+    with pytest.raises(DatasetError, match=words):
+        write_layout(tmp_path / "p", name, sources, repeats)
+    assert not (tmp_path / "p").exists()
+    # the longest name that fits is written
+    assert write_layout(tmp_path / "q", "x" * 252, sources, 10).subset_dir.name == "10_" + "x" * 252
 
 
 # ----------------------------------------------------------------- tags

@@ -27,6 +27,9 @@ _SILENT_SUFFIXES = (".npz",)  # latent caches written next to the images
 _SILENT_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
 
 _MAX_LISTED = 10
+MAX_REPEATS = 10_000
+"""Guides use 1-100 repeats. A larger count is nearly always a folder named after a date or an id
+(``20240101_photos``), which would make one epoch millions of steps."""
 _REPEAT_RE = re.compile(r"^(\d+)_(.*)$")
 _NUMBERISH_RE = re.compile(r"^[+-]?[\d.,]+$")
 
@@ -125,6 +128,15 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in _SILENT_NAMES or path.name == "__MACOSX"
 
 
+def repeats_problem(repeats: int) -> str | None:
+    """Why ``repeats`` cannot be a folder's repeat count, or None."""
+    if repeats < 1:
+        return "repeats must be at least 1"
+    if repeats > MAX_REPEATS:
+        return f"repeats must be at most {MAX_REPEATS} (is the number a date or an id?)"
+    return None
+
+
 def _parse_folder_name(folder: Path) -> tuple[int, str] | None:
     """Return ``(repeats, name)`` for a ``<n>_<name>`` folder, ``None`` for a folder without the prefix.
 
@@ -133,10 +145,11 @@ def _parse_folder_name(folder: Path) -> tuple[int, str] | None:
     m = _REPEAT_RE.match(folder.name)
     if m:
         repeats = int(m.group(1))
-        if repeats < 1:
+        problem = repeats_problem(repeats)
+        if problem:
             raise DatasetError(
                 folder,
-                f"the repeat count in the folder name is {repeats}; repeats must be at least 1",
+                f"the repeat count in the folder name is {repeats}; {problem}",
                 f"Rename the folder to e.g. '1_{m.group(2)}' or '10_{m.group(2)}' "
                 "(the number is how often each image is used per epoch)",
             )

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..filenames import name_problem
 from .captions import split_tags
-from .layout import IMAGE_EXTENSIONS, is_image_file
+from .layout import IMAGE_EXTENSIONS, MAX_REPEATS, is_image_file, repeats_problem
 from .steps import steps_per_epoch
 
 # Formats Pillow opens that the trainer does not pick up by extension: converted to PNG on layout.
@@ -256,8 +257,10 @@ def write_layout(
     name = str(name).strip()
     if not name or not _NAME_RE.match(name) or name in (".", ".."):
         raise DatasetError("name", f"'{name}' cannot be a folder name", "Use letters, digits, spaces, _ or -")
-    if int(repeats) < 1:
-        raise DatasetError("repeats", f"repeats is {repeats}", "Repeats must be a whole number of at least 1")
+    _check_repeats("repeats", repeats)
+    folder_problem = name_problem(f"{int(repeats)}_{name}")
+    if folder_problem:
+        raise DatasetError("name", f"'{int(repeats)}_{name}' cannot be a folder name", f"Use {folder_problem}")
     ext = _ext(caption_extension)
     project = Path(project_dir).expanduser()
     sources = list_images(images)
@@ -353,14 +356,19 @@ def write_layout(
     return result
 
 
+def _check_repeats(where: str | Path, repeats: int) -> None:
+    problem = repeats_problem(int(repeats))
+    if problem:
+        raise DatasetError(where, f"repeats is {repeats}; {problem}", f"Set a whole number from 1 to {MAX_REPEATS}")
+
+
 def set_repeats(subset_dir: str | Path, repeats: int) -> Path:
     """Rename a ``<n>_<name>`` folder to ``<repeats>_<name>`` and return the new path."""
     d = Path(subset_dir)
     m = re.fullmatch(r"(\d+)_(.*)", d.name)
     if not d.is_dir() or not m:
         raise DatasetError(d, "not a <repeats>_<name> folder", "Give a folder such as img/10_name")
-    if int(repeats) < 1:
-        raise DatasetError(d, f"repeats is {repeats}", "Repeats must be a whole number of at least 1")
+    _check_repeats(d, repeats)
     new = d.with_name(f"{int(repeats)}_{m.group(2)}")
     if new == d:
         return d
