@@ -38,7 +38,8 @@ class DatasetError(LoraTrainerError):
         self.path = str(path)
         self.problem = problem
         self.fix = fix
-        super().__init__(f"{self.path}: {problem}. {fix}")
+        # no fix: a list of problems that each carry their own (see dataset.layout)
+        super().__init__(f"{self.path}: {problem}. {fix}" if fix else f"{self.path}: {problem}")
 
 
 class ModelLoadError(LoraTrainerError):

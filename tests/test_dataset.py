@@ -259,6 +259,39 @@ def test_corrupt_and_truncated_images_all_listed(tmp_path: Path) -> None:
     assert scan_dataset(tmp_path, verify=False).num_images == 6
 
 
+def test_every_problem_is_listed_in_one_run(tmp_path: Path) -> None:
+    """Six problems, one scan: each named with its own message and fix (the texts of the single-problem
+    errors above), good folders not mentioned."""
+    make_image(tmp_path / "loose.png")
+    make_image(tmp_path / "0_zero" / "a.png")
+    make_image(tmp_path / "20240101_photos" / "a.png")  # a date, not a repeat count
+    make_image(tmp_path / "my pics" / "a.png")
+    (tmp_path / "5_empty").mkdir()
+    good = tmp_path / "10_good"
+    make_image(good / "fine.png")
+    make_image(good / "latin.png")
+    (good / "latin.txt").write_bytes("café".encode("latin-1"))
+    (good / "garbage.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError) as ei:
+        scan_dataset(tmp_path)
+    msg = str(ei.value)
+    assert "7 problems" in msg, msg
+    expected = [
+        ("loose.png", "10_<name>"),
+        ("0_zero", "at least 1"),
+        ("20240101_photos", "at most 10000"),
+        ("my pics", "10_my pics"),
+        ("5_empty", "no images"),
+        ("latin.txt", "Re-save it as UTF-8"),
+        ("garbage.png", "Re-export"),
+    ]
+    lines = msg.splitlines()
+    for name, words in expected:
+        line = next((x for x in lines if name in x), None)
+        assert line is not None and words in line, (name, msg)
+    assert "fine.png" not in msg
+
+
 def test_single_truncated_png_named(tmp_path: Path) -> None:
     d = tmp_path / "1_x"
     make_image(d / "fine.png")

@@ -231,6 +231,45 @@ def verify_images(paths: list[Path], root: Path | None = None) -> None:
     )
 
 
+def _subset_folder(d: Path) -> tuple[Path, int, str, list[Path]] | None:
+    """``(folder, repeats, name, files)`` of a ``<n>_<name>`` folder with images; None for a folder
+    without the prefix and without images (ignored); DatasetError for anything else."""
+    parsed = _parse_folder_name(d)
+    try:
+        files = sorted((p for p in d.iterdir() if p.is_file()), key=lambda p: p.name)
+    except OSError as e:
+        raise DatasetError(d, f"the folder cannot be read ({e.strerror or e})", "Check its permissions") from None
+    images = [p for p in files if is_image_file(p)]
+    if parsed is None:
+        if images:
+            raise DatasetError(
+                d,
+                f"the folder holds {_plural(len(images), 'image')} but its name does not start with a "
+                "repeat count ('<n>_')",
+                f"Rename it to e.g. '10_{d.name}' (10 = how often each image is used per epoch)",
+            )
+        return None
+    repeats, name = parsed
+    if not images:
+        others = [p.name for p in files if not _is_hidden(p)]
+        found = f" (it holds: {_list_names(others)})" if others else " (it is empty)"
+        raise DatasetError(
+            d,
+            f"the folder has no images{found}; supported are {', '.join(IMAGE_EXTENSIONS)}",
+            "Put images in it, or delete the folder",
+        )
+    return d, repeats, name, files
+
+
+def _raise_all(root: Path, problems: list[DatasetError]) -> None:
+    """Raise the one problem as it is, or one error listing every problem (each with its fix)."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        lines = "\n".join(f"  - {e}" for e in problems)
+        raise DatasetError(root, f"{len(problems)} problems in the dataset; fix each as its line says, then start again:\n{lines}", "")
+
+
 def scan_dataset(
     train_data_dir: str | Path,
     caption_extension: str = ".txt",
@@ -278,15 +317,18 @@ def scan_dataset(
     except OSError as e:
         raise DatasetError(root, f"the folder cannot be read ({e.strerror or e})", "Check its permissions") from None
 
+    problems: list[DatasetError] = []  # every problem is reported at once: one run finds them all
     root_images = [p.name for p in children if p.is_file() and is_image_file(p)]
     if root_images:
-        raise DatasetError(
-            root,
-            f"{_plural(len(root_images), 'image')} {'is' if len(root_images) == 1 else 'are'} directly in the "
-            f"dataset folder ({_list_names(root_images)}); "
-            "images must be inside <repeats>_<name> sub-folders",
-            f"Move them into a sub-folder such as '{root / '10_<name>'}' (10 = repeats per epoch, "
-            "<name> = the caption used for images without a caption file)",
+        problems.append(
+            DatasetError(
+                root,
+                f"{_plural(len(root_images), 'image')} {'is' if len(root_images) == 1 else 'are'} directly in the "
+                f"dataset folder ({_list_names(root_images)}); "
+                "images must be inside <repeats>_<name> sub-folders",
+                f"Move them into a sub-folder such as '{root / '10_<name>'}' (10 = repeats per epoch, "
+                "<name> = the caption used for images without a caption file)",
+            )
         )
 
     subset_dirs: list[tuple[Path, int, str, list[Path]]] = []
@@ -294,32 +336,15 @@ def scan_dataset(
     for d in children:
         if not d.is_dir() or _is_hidden(d):
             continue
-        parsed = _parse_folder_name(d)
         try:
-            files = sorted((p for p in d.iterdir() if p.is_file()), key=lambda p: p.name)
-        except OSError as e:
-            raise DatasetError(d, f"the folder cannot be read ({e.strerror or e})", "Check its permissions") from None
-        images = [p for p in files if is_image_file(p)]
-        if parsed is None:
-            if images:
-                raise DatasetError(
-                    d,
-                    f"the folder holds {_plural(len(images), 'image')} but its name does not start with a "
-                    "repeat count ('<n>_')",
-                    f"Rename it to e.g. '10_{d.name}' (10 = how often each image is used per epoch)",
-                )
-            ignored.append(d.name)
+            found = _subset_folder(d)
+        except DatasetError as e:
+            problems.append(e)
             continue
-        repeats, name = parsed
-        if not images:
-            others = [p.name for p in files if not _is_hidden(p)]
-            found = f" (it holds: {_list_names(others)})" if others else " (it is empty)"
-            raise DatasetError(
-                d,
-                f"the folder has no images{found}; supported are {', '.join(IMAGE_EXTENSIONS)}",
-                "Put images in it, or delete the folder",
-            )
-        subset_dirs.append((d, repeats, name, files))
+        if found is None:
+            ignored.append(d.name)
+        else:
+            subset_dirs.append(found)
 
     if ignored:
         warn(
@@ -328,6 +353,7 @@ def scan_dataset(
         )
 
     if not subset_dirs:
+        _raise_all(root, problems)
         hint = f" (ignored: {_list_names(ignored)})" if ignored else ""
         raise DatasetError(
             root,
@@ -363,7 +389,10 @@ def scan_dataset(
             from_file = False
             if cap is not None:
                 used_captions.add(cap.name)
-                caption = _read_caption(cap)
+                try:
+                    caption = _read_caption(cap)
+                except DatasetError as e:
+                    problems.append(e)
                 if caption:
                     from_file = True
                 else:
@@ -421,6 +450,9 @@ def scan_dataset(
         warn(msg)
 
     if verify:
-        verify_images([e.path for s in subsets for e in s.images], root=root)
-
+        try:
+            verify_images([e.path for s in subsets for e in s.images], root=root)
+        except DatasetError as e:
+            problems.append(e)
+    _raise_all(root, problems)
     return DatasetScan(root=root, subsets=subsets, warnings=warnings)
