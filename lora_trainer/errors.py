@@ -42,6 +42,10 @@ class DatasetError(LoraTrainerError):
         super().__init__(f"{self.path}: {problem}. {fix}" if fix else f"{self.path}: {problem}")
 
 
+class NotEnoughSpace(LoraTrainerError):
+    """The run would need more memory or disk than the machine has free."""
+
+
 class ModelLoadError(LoraTrainerError):
     """The base model cannot be loaded."""
 

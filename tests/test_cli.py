@@ -80,6 +80,66 @@ def test_missing_dataset_folder_exits_2_naming_it(tmp_path):
     assert str(missing) in lines[0] and "does not exist" in lines[0]
 
 
+OVERSIZED = [
+    ("resolution=100000", "'resolution': 100000", "<= 4096"),
+    ("train_batch_size=100000", "'train_batch_size'", "<= 256"),
+    ("network_dim=100000", "'network_dim'", "<= 1024"),
+    ("max_train_steps=1000000000", "'max_train_steps'", "<= 1000000"),
+    ("output_name=" + "n" * 300, "'output_name'", "at most 223 bytes"),
+    ("output_name=con", "'output_name'", "Windows device name"),
+    ("output_name=lora.", "'output_name'", "end with a dot"),
+    # preflight: checked against the optimizer's signature, still before the model loads
+    ("optimizer_args=foo=bar", "'optimizer_args': 'foo'", "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("pair, names, allowed", OVERSIZED, ids=[p[:40] for p, _, _ in OVERSIZED])
+def test_oversized_values_and_bad_names_exit_2_before_the_model_loads(demo_data, tmp_path, pair, names, allowed):
+    out = tmp_path / "Lora"
+    # a model that does not exist: reaching the model load would fail with another message
+    proc = _cli(
+        "train", "--data", str(demo_data), "--model", str(tmp_path / "model.safetensors"), "--output", str(out),
+        "--device", "cpu", "--set", pair,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Invalid value for "), proc.stderr
+    assert names in lines[0] and allowed in lines[0] and len(lines[0]) < 600
+    assert not out.exists() and not list(demo_data.rglob("*.npz"))
+
+
+def test_latent_cache_that_cannot_fit_is_refused_before_the_model_loads(demo_data, tmp_path, monkeypatch, capsys):
+    from lora_trainer.train import cache
+
+    out = tmp_path / "Lora"
+    args = ["train", "--data", str(demo_data), "--model", str(tmp_path / "model.safetensors"), "--output", str(out),
+            "--device", "cpu", "--set", "resolution=2048"]  # fmt: skip
+    # 4 images x 4 x 256 x 256 floats = 4 MiB; the machine "has" 3 MiB
+    monkeypatch.setattr(cache, "available_memory", lambda: 3 * 2**20)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "4 images at resolution 2048" in err and "4.0 MiB of RAM" in err and "3.0 MiB is available" in err
+    assert "Lower resolution" in err and "cache_latents" in err and "\n" not in err
+    # without the cache nothing is held: the check passes and the (missing) model is reached
+    assert main([*args, "--set", "cache_latents=false"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    # to disk: the free space of the dataset's disk counts too
+    monkeypatch.setattr(cache, "available_memory", lambda: 2**40)
+    monkeypatch.setattr(cache, "free_disk", lambda path: 2**20)
+    assert main([*args, "--set", "cache_latents_to_disk=true"]) == 2
+    err = capsys.readouterr().err
+    assert ".npz files" in err and str(demo_data) in err and "1.0 MiB free" in err
+    assert not out.exists() and not list(demo_data.rglob("*.npz"))
+
+
+def test_available_memory_is_read_from_the_system():
+    from lora_trainer.train.cache import available_memory
+
+    free = available_memory()
+    assert free is None or 2**20 < free < 2**50
+
+
 def test_train_through_the_cli_then_inspect(tiny_sd, demo_data, tmp_path, capsys):
     from lora_trainer.model.tiny import save_diffusers_folder
 

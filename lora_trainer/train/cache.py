@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..dataset import image_to_tensor, load_image
+from ..dataset import DatasetScan, image_to_tensor, load_image
+from ..errors import NotEnoughSpace
 from ..files import write_file
 
 CACHE_SUFFIX = ".lora_trainer.npz"
@@ -108,6 +110,83 @@ def build_latent_cache(
         if progress:
             progress(done, len(paths))
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- will it fit
+
+_LATENT_CHANNELS = 4  # the VAEs of SD1, SD2 and SDXL
+_VAE_FACTOR = 8  # one latent pixel per 8 x 8 image pixels
+_FLOAT_BYTES = 4  # latents are kept as float32 (see encode_batch)
+_NPZ_OVERHEAD = 1024  # per .npz file: zip headers and the cache key
+
+
+def latent_bytes(resolution: int) -> int:
+    """The largest latent of one image: 4 x H/8 x W/8 floats. A bucket's area is at most
+    ``resolution``\\ :sup:`2`, so the square bounds every bucket."""
+    side = resolution // _VAE_FACTOR
+    return _LATENT_CHANNELS * side * side * _FLOAT_BYTES
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM that new allocations can take without swapping, or None where it cannot be read."""
+    try:
+        import psutil  # optional; the WebUIs install it
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel counts in KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_disk(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_latent_cache_fits(cfg, scan: DatasetScan) -> None:
+    """Refuse, before the model loads, a latent cache the machine cannot hold. The cache keeps one
+    latent per image (repeats share it) in RAM, also with ``cache_latents_to_disk`` (the files are
+    written and then kept in memory too, see :func:`build_latent_cache`)."""
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        return
+    side = cfg.resolution // _VAE_FACTOR
+    what = (
+        f"Caching the latents of {scan.num_images} images at resolution {cfg.resolution} "
+        f"({_LATENT_CHANNELS} x {side} x {side} floats each)"
+    )
+    need = scan.num_images * latent_bytes(cfg.resolution)
+    free = available_memory()
+    if free is not None and need > free:
+        raise NotEnoughSpace(
+            f"{what} needs up to {_size(need)} of RAM, but {_size(free)} is available. Lower resolution, "
+            "train on fewer images, or set cache_latents and cache_latents_to_disk to false (each image is "
+            "then encoded at every step: slower, but no cache)"
+        )
+    if cfg.cache_latents_to_disk:
+        _check_disk_cache_fits(scan, cfg.resolution, what)
+
+
+def _check_disk_cache_fits(scan: DatasetScan, resolution: int, what: str) -> None:
+    """The .npz files go beside the images; those there already are rewritten in place or reused."""
+    todo = [e.path for e in scan.entries() if not cache_path(e.path).is_file()]
+    need = len(todo) * (latent_bytes(resolution) + _NPZ_OVERHEAD)
+    free = free_disk(scan.root)
+    if need > free:
+        raise NotEnoughSpace(
+            f"{what} writes up to {_size(need)} of .npz files beside the images in {scan.root}, but that disk "
+            f"has {_size(free)} free. Free space there, lower resolution, or set cache_latents_to_disk to false "
+            "(the cache is then kept in RAM only)"
+        )
 
 
 def _write_npz(path: Path, latents: torch.Tensor, key: str) -> None:

@@ -22,7 +22,13 @@ from ..dataset.steps import describe_steps, total_steps
 from ..errors import ConfigError, LoraTrainerError, TrainingStopped
 from ..model.bundle import ModelBundle
 from ..network import SAVE_DTYPES, LoRANetwork, save_lora_file
-from .cache import build_latent_cache, build_text_encoder_cache, check_text_encoder_cache, encode_batch
+from .cache import (
+    build_latent_cache,
+    build_text_encoder_cache,
+    check_latent_cache_fits,
+    check_text_encoder_cache,
+    encode_batch,
+)
 from .events import (
     CachingProgress,
     EpochEnd,
@@ -36,7 +42,7 @@ from .events import (
 )
 from .metadata import RunInfo, build_metadata
 from .noise import add_noise, min_snr_weight, sample_noise, sample_timesteps, target_for
-from .optim import build_optimizer, current_lrs
+from .optim import build_optimizer, check_optimizer_args, current_lrs
 from .output import check_output_folder, save_or_keep
 from .runtime import Runtime
 from .schedulers import build_scheduler
@@ -109,12 +115,14 @@ def plan(
 
 
 def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool = False) -> DatasetScan:
-    """Everything that can be checked before a model is loaded: the config, the dataset, that no
-    existing LoRA file would be overwritten, and that the output folder takes the files (temp files
-    of interrupted saves removed first). Returns the dataset scan for :func:`train`."""
+    """Everything that can be checked before a model is loaded: the config (with the optimizer's
+    arguments), the dataset, that no existing LoRA file would be overwritten, that the output folder
+    takes the files (temp files of interrupted saves removed first) and that the latent cache fits.
+    Returns the dataset scan for :func:`train`."""
     cfg.validate()
     check_text_encoder_cache(cfg)
     check_bucket_config(cfg)
+    check_optimizer_args(cfg.optimizer, cfg.optimizer_args)
     scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning if events else None)
     output_dir = Path(cfg.output_dir)
     clash = existing_outputs(output_dir, cfg.output_name)
@@ -127,6 +135,7 @@ def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool 
         )
     cache_folders = sorted({s.dir for s in scan.subsets}) if cfg.cache_latents_to_disk else []
     check_output_folder(cfg, plan(cfg, scan)[1], cache_folders, events)
+    check_latent_cache_fits(cfg, scan)
     return scan
 
 

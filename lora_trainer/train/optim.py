@@ -2,6 +2,8 @@
 
 Public API
 ----------
+``check_optimizer_args(name, optimizer_args)``
+    Refuses arguments the optimizer does not take, without building it (before a model loads).
 ``build_optimizer(name, param_groups, optimizer_args, lr)``
     The optimizer for torch-style ``param_groups`` (dicts with ``"params"`` and usually ``"lr"``;
     each group's lr is kept, ``lr`` is the default for groups without one). Exception:
@@ -182,6 +184,14 @@ def _check_keywords(name: str, cls: Callable[..., Any], kwargs: dict[str, Any]) 
         )
 
 
+def check_optimizer_args(name: str, optimizer_args: str | dict[str, Any]) -> None:
+    """Refuse an argument the optimizer does not take, before a model is loaded (preflight): the same
+    check :func:`build_optimizer` makes, which comes only after the model and the cache. Imports the
+    optimizer's package, so a missing one is reported here too (MissingPackageError)."""
+    name = canonical_optimizer_name(name)
+    _check_keywords(name, _import_optimizer_class(name), _as_kwargs(optimizer_args))
+
+
 def _copy_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: list[dict[str, Any]] = []
     for g in param_groups:
@@ -297,6 +307,7 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
 __all__ = [
     "build_optimizer",
     "canonical_optimizer_name",
+    "check_optimizer_args",
     "current_lrs",
     "optimizer_is_adaptive",
     "optimizer_notes",
