@@ -7,6 +7,7 @@ A1111 (0.94/1.x) and Forge (0.104/2.x) ship.
 
 # no ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations
 # (``request: Request``) at runtime, and ``Request`` is imported inside add_routes.
+import json
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,29 @@ from .errors import ConfigError, LoraTrainerError
 from .job import JobBusy, JobStatus
 
 PREFIX = "/lora_trainer/v1"
+MAX_BODY_BYTES = 1 << 20
+"""The largest request body read: every option together is a few KiB; a bigger body is a mistake or an
+attack, and is refused (413) before it is held in memory or reaches validation."""
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read no further than ``limit`` bytes: a declared length over it is refused before
+    reading, and a body without one (chunked) is cut off once it passes it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_credentials(api_auth: str | None) -> dict[str, str]:
@@ -102,11 +126,16 @@ def add_routes(
     def not_json() -> JSONResponse:
         return JSONResponse(status_code=415, content={"error": "send the body as JSON (content-type: application/json)"})
 
+    def too_large() -> JSONResponse:
+        return JSONResponse(status_code=413, content={"error": f"the body is larger than {MAX_BODY_BYTES} bytes; send only the options"})
+
     async def train_route(request: Request):
         if not is_json(request.headers):
             return not_json()
         try:
-            payload = await request.json()
+            payload = json.loads(await read_body(request))
+        except BodyTooLarge:
+            return too_large()
         except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller
             payload = None
         if not isinstance(payload, dict):
@@ -130,7 +159,9 @@ def add_routes(
         if not is_json(request.headers):
             return not_json()
         try:
-            payload = await request.json()
+            payload = json.loads(await read_body(request))
+        except BodyTooLarge:
+            return too_large()
         except Exception:  # noqa: BLE001 - any unreadable body is the same error to the caller
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("files"), list) or not payload["files"]:
@@ -160,8 +191,10 @@ def add_routes(
     async def stop_route(request: Request):
         save = False
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request))
             save = bool(isinstance(body, dict) and body.get("save"))
+        except BodyTooLarge:
+            return too_large()
         except Exception:  # noqa: BLE001 - an empty body means a plain stop
             pass
         return {"stopping": stop(save), "save": save}

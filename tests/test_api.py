@@ -68,6 +68,57 @@ def test_bad_values_and_names_are_refused(tiny_sd, tiny_config):
     assert job.status().state == "idle"
 
 
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"resolution": 100_000}, "resolution"),
+        ({"train_batch_size": 100_000}, "train_batch_size"),
+        ({"network_dim": 100_000}, "network_dim"),
+        ({"max_train_steps": 10**9}, "max_train_steps"),
+        ({"output_name": "n" * 300}, "output_name"),
+        ({"output_name": "con"}, "output_name"),
+        ({"output_name": "LPT1.txt"}, "output_name"),
+        ({"output_name": "lora "}, "output_name"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_oversized_values_and_windows_names_are_refused(tiny_sd, tiny_config, options, field):
+    client, job = _client(tiny_sd, tiny_config)
+    r = client.post(f"{PREFIX}/train", json=options)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+    assert "Allowed: " in r.json()["error"]
+    assert job.status().state == "idle"
+    assert not Path(tiny_config.output_dir).exists()
+
+
+def test_bodies_over_the_limit_are_refused_unread(tiny_sd, tiny_config):
+    """A 2 MiB name (a tester's 30 MB one started a run): 413 whether the length is declared or the body
+    is streamed without one, on every route that reads a body; nothing starts, nothing is written."""
+    from lora_trainer.api import MAX_BODY_BYTES
+
+    client, job = _client(tiny_sd, tiny_config)
+    big = '{"output_name": "' + "n" * (2 * MAX_BODY_BYTES) + '"}'
+    json_type = {"content-type": "application/json"}
+    for path in ("/train", "/grid", "/stop"):
+        r = client.post(f"{PREFIX}{path}", content=big, headers=json_type)
+        assert r.status_code == 413 and "larger than 1048576 bytes" in r.json()["error"], path
+
+    def chunked():  # no content-length: the limit is applied while reading
+        for _ in range(3):
+            yield b" " * MAX_BODY_BYTES
+        yield b"{}"
+
+    r = client.post(f"{PREFIX}/train", content=chunked(), headers=json_type)
+    assert r.status_code == 413
+    assert job.status().state == "idle"
+    assert not Path(tiny_config.output_dir).exists()
+    # just under the limit is read (and then validated as usual)
+    padded = '{"output_name": "ok"' + " " * (MAX_BODY_BYTES - 40) + "}"
+    r = client.post(f"{PREFIX}/train", content=padded, headers=json_type)
+    assert r.status_code == 200, r.text
+    job.wait(120)
+
+
 def test_fixed_fields_cannot_be_overridden(tiny_sd, tiny_config, tmp_path):
     fixed_dir = tmp_path / "webui" / "models" / "Lora"
     client, job = _client(tiny_sd, tiny_config, fixed={"output_dir": str(fixed_dir)})
