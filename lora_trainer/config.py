@@ -45,20 +45,20 @@ _OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-()\[\]]*$")
 # years). Each is generous for real use.
 MAX_RESOLUTION = 4096
 """SDXL is trained at 1024, its buckets and some fine-tunes reach 2048; twice that leaves room. One
-4096 px image is 48 MiB as float pixels and a 4 MiB latent, already more than most runs can afford."""
+4096 px image is 192 MiB as float pixels and a 4 MiB latent: the run is already heavy there."""
 MAX_BUCKET_STEPS = 1024
 """kohya uses 64; a step as large as a quarter of the largest resolution leaves a handful of buckets."""
 MAX_RANK = 1024
 """kohya users train dim up to 256, sometimes 512; 1024 is close to full rank for SD's widest layers
-(1280). Alpha above the rank scales the update past 1x, so it shares the bound."""
+(1280 channels). Alpha above the rank scales the update past 1x, so it shares the bound."""
 MAX_BATCH = 256
-"""64 SD1.5 images at 512 px fill a 140 GB GPU; larger batches are gradient accumulation's job."""
+"""Guides use 1-8, large GPUs 32-64; a larger batch is gradient accumulation's job."""
 MAX_ACCUMULATION = 256
 """Batch x accumulation = 65536 images per optimizer step, far past any LoRA recipe."""
 MAX_EPOCHS = 10_000
 """Guides train 10-100 epochs; epoch files are named with six digits (``-000001``)."""
 MAX_STEPS = 1_000_000
-"""LoRA runs take hundreds to tens of thousands of steps; a million is months of SDXL on one GPU."""
+"""LoRA runs take hundreds to tens of thousands of steps; a million, at one step a second, is 12 days."""
 MAX_CYCLES = 1_000
 """A restart every few steps at most is already no schedule."""
 MAX_POWER = 100.0
@@ -66,7 +66,7 @@ MAX_POWER = 100.0
 MAX_SEED = 2**32 - 1
 """The WebUIs' seed range (A1111 and Forge draw 32-bit seeds); torch's generators take it."""
 MAX_SNR_GAMMA = 1_000.0
-"""The paper uses 5; past a few hundred the weight is 1 for every timestep (no weighting)."""
+"""The paper uses 5; SD's largest SNR (at t = 0) is about 1200, so a gamma near it weights nothing."""
 MAX_KEEP_TOKENS = 225
 """A caption's tags cannot outnumber the 225 tokens of kohya's longest (3 x 75) caption."""
 MAX_GRID_WEIGHTS = 20

@@ -301,6 +301,20 @@ def test_upper_bounds_themselves_pass():
     assert ok.validate() is ok
 
 
+def test_longest_output_name_fits_every_file_written_from_it(tmp_path):
+    """The epoch file, the grid with a 12-digit number and their temporary files, written for real:
+    one byte more and the longest of them passes the file system's 255 bytes."""
+    from lora_trainer.config import OUTPUT_NAME_EXTRA_BYTES
+    from lora_trainer.filenames import MAX_COMPONENT_BYTES
+    from lora_trainer.network.save import atomic_write_bytes
+
+    name = dataclasses.replace(TrainConfig(), output_name="a" * (MAX_COMPONENT_BYTES - OUTPUT_NAME_EXTRA_BYTES)).validate().output_name
+    for file in (f"{name}-000001.safetensors", f"{name}_grid-{10**11}.png"):
+        assert atomic_write_bytes(tmp_path / file, b"x").is_file()
+    with pytest.raises(OSError):
+        atomic_write_bytes(tmp_path / f"{name}a_grid-{10**11}.png", b"x")
+
+
 @pytest.mark.parametrize("name", ["console", "con_1", "nul-lora", "COM10", "LPT0", "my.con", "a.b"])
 def test_names_that_only_look_like_windows_devices_pass(name):
     assert dataclasses.replace(TrainConfig(), output_name=name).validate().output_name == name
