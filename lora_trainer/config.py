@@ -74,10 +74,10 @@ MAX_GRID_WEIGHTS = 20
 MAX_TEXT = 4096
 """Any text option (paths, prompts, optimizer_args): 4096 bytes is Linux's longest path, and an
 A1111 prompt this long is over 700 tokens."""
-OUTPUT_NAME_EXTRA_BYTES = 32
-"""Bytes the longest file named after output_name adds to it: the temporary file a grid is written to,
-``.<name>_grid-<n>.<8 random>.tmp`` (20 + the digits of n), and an epoch file's
-``.<name>-000001.<8 random>.tmp`` (21); 32 leaves n up to 12 digits."""
+OUTPUT_NAME_EXTRA_BYTES = 49
+"""Bytes the longest file named after output_name adds to it: the temporary file a grid is written to
+(files.write_file), ``.<name>_grid-<n>.png.<8 hex>.lora_trainer.tmp`` (37 + the digits of n), and an
+epoch file's ``.<name>-000001.safetensors.<8 hex>.lora_trainer.tmp`` (46); 49 leaves n up to 12 digits."""
 
 
 def _f(default: Any, section: str, help: str, **extra: Any) -> Any:

@@ -306,13 +306,14 @@ def test_longest_output_name_fits_every_file_written_from_it(tmp_path):
     one byte more and the longest of them passes the file system's 255 bytes."""
     from lora_trainer.config import OUTPUT_NAME_EXTRA_BYTES
     from lora_trainer.filenames import MAX_COMPONENT_BYTES
-    from lora_trainer.network.save import atomic_write_bytes
+    from lora_trainer.files import write_file
 
     name = dataclasses.replace(TrainConfig(), output_name="a" * (MAX_COMPONENT_BYTES - OUTPUT_NAME_EXTRA_BYTES)).validate().output_name
     for file in (f"{name}-000001.safetensors", f"{name}_grid-{10**11}.png"):
-        assert atomic_write_bytes(tmp_path / file, b"x").is_file()
+        write_file(tmp_path / file, b"x")
+        assert (tmp_path / file).is_file()
     with pytest.raises(OSError):
-        atomic_write_bytes(tmp_path / f"{name}a_grid-{10**11}.png", b"x")
+        write_file(tmp_path / f"{name}a_grid-{10**11}.png", b"x")
 
 
 @pytest.mark.parametrize("name", ["console", "con_1", "nul-lora", "COM10", "LPT0", "my.con", "a.b"])
