@@ -7,8 +7,11 @@ import dataclasses
 
 import pytest
 
-from lora_trainer.config import TrainConfig, field_names, parse_optimizer_args
+from lora_trainer.config import OUTPUT_NAME_EXTRA_BYTES, TrainConfig, field_names, parse_optimizer_args
 from lora_trainer.errors import ConfigError
+from lora_trainer.filenames import MAX_COMPONENT_BYTES
+
+LONGEST_NAME = MAX_COMPONENT_BYTES - OUTPUT_NAME_EXTRA_BYTES
 
 
 def _non_defaults() -> TrainConfig:
@@ -246,7 +249,7 @@ INVALID = [
     ("pretrained_model", "x" * 5000, ["at most 4096"]),
     ("caption_extension", "." + "t" * 20, ["at most 16"]),
     # output_name: valid on Windows too, and short enough for every file written from it
-    ("output_name", "a" * 224, ["at most 223 bytes", "it has 224"]),
+    ("output_name", "a" * (LONGEST_NAME + 1), [f"at most {LONGEST_NAME} bytes", f"it has {LONGEST_NAME + 1}"]),
     ("output_name", "con", ["Windows device name"]),
     ("output_name", "CON", ["Windows device name"]),
     ("output_name", "nul.tar", ["Windows device name"]),
@@ -295,7 +298,7 @@ def test_upper_bounds_themselves_pass():
         max_train_epochs=10_000,
         max_train_steps=1_000_000,
         seed=2**32 - 1,
-        output_name="a" * 223,
+        output_name="a" * LONGEST_NAME,
         grid_weights=",".join(["1"] * 20),
     )
     assert ok.validate() is ok

@@ -133,9 +133,10 @@ def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool 
             f"a name not used yet in {output_dir}: {clash[0].name} exists (hosts cache LoRAs by name, so files are never "
             "overwritten). Choose another output_name, or delete the old files",
         )
+    check_latent_cache_fits(cfg, scan)
+    # last: it creates the output folder (and a probe file in it) when it can
     cache_folders = sorted({s.dir for s in scan.subsets}) if cfg.cache_latents_to_disk else []
     check_output_folder(cfg, plan(cfg, scan)[1], cache_folders, events)
-    check_latent_cache_fits(cfg, scan)
     return scan
 
 
