@@ -253,17 +253,24 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from .hosts.standalone import standalone_backend
-    from .ui.tab import build_tab
+    from .ui.stack import check_stack
 
+    # a known-broken gradio / pydantic / starlette / huggingface_hub combination: one line naming the install
+    # that works, before gradio is imported (with huggingface_hub 1.x, gradio 4 cannot even be imported)
+    check_stack()
     try:
         import gradio  # noqa: F401
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
         from .errors import MissingPackageError
 
-        raise MissingPackageError("gradio", "lora_trainer ui") from None
+        raise MissingPackageError("gradio", "lora_trainer ui", '-e ".[standalone,ui]" (in the lora_trainer folder)') from None
     from .api import PREFIX, add_routes, parse_credentials
+    from .hosts.standalone import standalone_backend
+    from .roots import Roots
     from .ui.guard import is_loopback, launch_guarded, new_token
+    from .ui.tab import build_tab
 
     credentials = parse_credentials(args.auth)
     if not is_loopback(args.host) and not credentials:
@@ -274,8 +281,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cfg = _make_config(args)
     root = Path(__file__).resolve().parent.parent
     css = (root / "style.css").read_text() if (root / "style.css").is_file() else None
-    from .roots import Roots
-
     roots = Roots.from_start(args.data_root or [os.getcwd()], args.models_root or [os.getcwd()], cfg)
     backend = standalone_backend(defaults=cfg, roots=roots)
     tab = build_tab(backend, css=css)
