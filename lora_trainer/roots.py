@@ -42,6 +42,10 @@ class Roots:
     models: tuple[str, ...]
 
     @classmethod
+    def of(cls, data: Iterable[str], models: Iterable[str] = ()) -> Roots:
+        return cls(tuple(_real(p) for p in data), tuple(_real(p) for p in models))
+
+    @classmethod
     def from_start(cls, data: Iterable[str], models: Iterable[str], cfg: TrainConfig) -> Roots:
         """The roots given on the command line, plus what the start config itself names (the user chose
         those when starting): its dataset folder and the folder of its base model and configs."""
@@ -51,7 +55,7 @@ class Roots:
             models.append(str(Path(cfg.pretrained_model).parent))
         if cfg.model_config_dir:
             models.append(cfg.model_config_dir)
-        return cls(tuple(_real(p) for p in data), tuple(_real(p) for p in models))
+        return cls.of(data, models)
 
     def check(self, cfg: TrainConfig) -> None:
         """Raise a ConfigError for the first path option outside its roots."""

@@ -277,7 +277,9 @@ def install_fake_webui(monkeypatch, root: Path, sd_model=None) -> SimpleNamespac
     shared.opts = FakeOptions({"CLIP_stop_at_last_layers": 1})
     shared.OptionInfo = FakeOptionInfo
     shared.state = FakeState()
-    shared.cmd_opts = SimpleNamespace(lora_dir=str(root / "models" / "Lora"), api_auth=None, medvram=False, lowvram=False)
+    shared.cmd_opts = SimpleNamespace(
+        lora_dir=str(root / "models" / "Lora"), data_dir=str(root), api_auth=None, medvram=False, lowvram=False
+    )
     shared.models_path = str(root / "models")
     shared.sd_model = sd_model
     call_queue = types.ModuleType("modules.call_queue")

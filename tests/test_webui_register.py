@@ -69,6 +69,7 @@ def test_settings_section(env):
         "lora_trainer_subfolder": "",
         "lora_trainer_grid_after_training": True,
         "lora_trainer_unload_unused": False,
+        "lora_trainer_rest_data_roots": "",
     }
     assert {labels[k].section for k in labels} == {("lora_trainer", "LoRA Trainer")}
 
@@ -235,3 +236,26 @@ def test_the_tab_warns_when_the_webui_is_open_to_the_network_without_credentials
         assert "Warning" not in notes
     else:
         assert "reachable from other machines" in notes and f"without {warned}:" in notes
+
+
+def test_rest_requests_train_only_on_folders_the_user_offered(env, demo_data, tmp_path):
+    """The tab takes any folder (it is the WebUI user's page); a REST request, from any program, only
+    folders under the setting's roots, by default the WebUI's own folder; the same answer whether or not
+    the folder exists, and nothing runs."""
+    from lora_trainer.api import PREFIX
+
+    client, _ = _client(env)
+    outside = tmp_path.parent / "elsewhere"
+    answers = []
+    for folder in ("/etc", str(outside), str(demo_data / ".." / ".." / "..")):
+        r = client.post(f"{PREFIX}/train", json={"train_data_dir": folder, "output_name": "x"})
+        assert r.status_code == 422 and r.json()["field"] == "train_data_dir", r.text
+        answers.append(r.json()["allowed"])
+    assert len(set(answers)) == 1 and client.get(f"{PREFIX}/status").json()["state"] == "idle"
+    # the setting names the folders REST may use (read at each request)
+    outside.mkdir()
+    env.shared.opts.lora_trainer_rest_data_roots = f"{outside}\n"
+    r = client.post(f"{PREFIX}/train", json={"train_data_dir": str(demo_data), "output_name": "x"})
+    assert r.status_code == 422
+    r = client.post(f"{PREFIX}/train", json={"train_data_dir": str(outside), "output_name": "x"})
+    assert r.status_code == 200, r.text

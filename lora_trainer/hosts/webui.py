@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import LoraTrainerError
+from ..roots import Roots
 
 log = logging.getLogger("lora_trainer")
 
@@ -227,6 +229,24 @@ def on_ui_settings() -> None:
         "lora_trainer_unload_unused",
         option(False, "While training, move what training does not need to the CPU (the VAE once latents are cached)"),
     )
+    shared.opts.add_option(
+        "lora_trainer_rest_data_roots",
+        option("", "Folders whose datasets REST requests may train on (one per line; empty = the WebUI's folder)"),
+    )
+
+
+def rest_roots() -> Roots:
+    """Where a REST request may point training inside a WebUI: the folders of the setting, else the
+    WebUI's own folder. The tab is the WebUI user's own page and takes any folder; a request may come
+    from any program on the machine (or the network, with --listen), and must not probe or read
+    folders the user never offered. Read at each request, so a changed setting counts at once."""
+    from modules import shared
+
+    setting = str(getattr(shared.opts, "lora_trainer_rest_data_roots", "") or "")
+    folders = [line.strip() for line in setting.replace(",", "\n").splitlines() if line.strip()]
+    if not folders:
+        folders = [getattr(shared.cmd_opts, "data_dir", None) or os.getcwd()]
+    return Roots.of(folders)
 
 
 def on_app_started(demo: Any, app: Any) -> None:
@@ -242,9 +262,13 @@ def on_app_started(demo: Any, app: Any) -> None:
     host = backend.extra["host"]
     credentials = parse_credentials(getattr(getattr(shared, "cmd_opts", None), "api_auth", None)) or None
     try:
+        def start(cfg: TrainConfig) -> None:
+            rest_roots().check(cfg)
+            backend.start(cfg)
+
         add_routes(
             app,
-            start=backend.start,
+            start=start,
             stop=backend.stop,
             status=backend.status,
             defaults=backend.defaults,
