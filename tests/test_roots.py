@@ -61,7 +61,7 @@ def test_the_refusal_says_nothing_about_existence(roots, tmp_path):
     for value in (str(tmp_path / "secret" / "key"), str(tmp_path / "secret" / "nothing-here")):
         with pytest.raises(ConfigError) as e:
             roots.check(_cfg(pretrained_model=value))
-        messages.append(str(e.value).replace(value, "<path>"))
+        messages.append((e.value.field, e.value.allowed))
     assert messages[0] == messages[1]
 
 
