@@ -1,5 +1,6 @@
 """The LDM side (what A1111 and Forge hold): the `ldm` UNet with the same weights gives the same
-output as the diffusers UNet when our LoRA is applied to it by its LDM module names."""
+output as the diffusers UNet when our LoRA is applied to it by its LDM module names, and both sides
+name the file's modules alike (diffusers paths on SD1/SD2's own layout, LDM paths on others)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 
 from lora_trainer.model.ldm import ldm_unet_lora_targets
 from lora_trainer.model.ldm_names import convert_unet_state_dict, unet_diffusers_to_ldm_names
+from lora_trainer.model.sd import sd_unet_targets
 from lora_trainer.network import LoRANetwork
-from lora_trainer.network.targets import UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
 from tests.test_ldm_names import UNET_CONFIGS, _ldm_unet_kwargs, _make_unet, _quiet
 
 openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
@@ -36,7 +37,7 @@ def test_lora_on_ldm_unet_matches_diffusers(name, network_type):
     # our LoRA on the diffusers UNet, with non-zero weights
     torch.manual_seed(0)
     diff_net = LoRANetwork.create(
-        find_targets(unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS if locon else frozenset()),
+        sd_unet_targets(unet, locon),
         4,
         2.0,
         3 if locon else None,
@@ -53,8 +54,11 @@ def test_lora_on_ldm_unet_matches_diffusers(name, network_type):
     ldm_net = LoRANetwork.create(ldm_unet_lora_targets(ldm_unet, locon), 4, 2.0, 3 if locon else None, 1.0)
     ldm_net.load_kohya_state_dict(file_sd)  # strict: every key has exactly one LDM module
     assert len(ldm_net.loras) == len(diff_net.loras)
+    # sd1_3level has SD1.5's layout (diffusers names); sd2_3level has attention in its first up level
+    style = "lora_unet_down_blocks_" if name == "sd1_3level" else "lora_unet_input_blocks_"
+    assert any(m.lora_name.startswith(style) for m in ldm_net.loras)
     if locon:
-        assert any("resnets" in m.lora_name and m.lora_down.weight.ndim == 4 for m in ldm_net.loras)
+        assert any(m.lora_down.weight.ndim == 4 for m in ldm_net.loras)
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 8, 8, generator=gen)

@@ -4,6 +4,7 @@ the same UNet and text-encoder outputs as our own hooked model."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.model.sd import make_sd_bundle
+from lora_trainer.model.tiny import TINY_UNET
 from lora_trainer.network import LoRANetwork
 from lora_trainer.train.loop import train
 
@@ -44,11 +46,57 @@ def _outputs(parts, ids, x, t):
         return cond, parts.unet(x, t, encoder_hidden_states=cond).sample
 
 
+# A tiny UNet with SD1.5's block layout (two ResBlocks per level, no attention in the last down and the
+# first up level): the WebUIs' fixed SD1.5 arithmetic fits it, so its files carry diffusers names. The
+# plain tiny model (one ResBlock per level) does not fit it: its files carry LDM names.
+SD15_LAYOUT_UNET = {
+    **TINY_UNET,
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# diffusers' remap of SGM block names (lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers) reads
+# an output block's second part as an attention: the upsampler of an up level without attention (the
+# tiny model's first) becomes up_blocks.0.attentions.1.conv, a layer that does not exist.
+SGM_UPSAMPLER = "lora_unet_output_blocks_1_1_conv"
+
+
+def _sgm_remap(stems: list[str], unet_config) -> dict[str, str]:
+    """Where diffusers puts each LDM-named stem: its block remap renumbers the blocks, its key
+    conversion later renames input/middle/output blocks to down/mid/up blocks."""
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    remapped = _maybe_map_sgm_blocks_to_diffusers({f"{s}.lora_down.weight": s for s in stems}, unet_config)
+    words = (("input_blocks", "down_blocks"), ("middle_block", "mid_block"), ("output_blocks", "up_blocks"))
+    out = {}
+    for key, stem in remapped.items():
+        new = key.partition(".")[0]
+        for old, diffusers in words:
+            new = new.replace(old, diffusers)
+        out[stem] = new
+    return out
+
+
 @pytest.mark.parametrize("network_type", ["Standard", "LoCon"])
-def test_diffusers_loads_every_key_and_matches(tiny_sd, tiny_config, tmp_path, network_type):
+@pytest.mark.parametrize("layout", ["sd15", "tiny"])
+def test_diffusers_loads_every_key_and_matches(tiny_sd, tiny_config, tmp_path, network_type, layout):
+    """SD1.5's layout: diffusers names, which diffusers' ``load_lora_weights`` reads as they are.
+    Another layout: LDM names, which diffusers' SD1 pipeline remaps only when given the UNet's config
+    (``unet_config=``, as its SDXL pipeline does by itself), and then onto the right layers except
+    the upsampler of an up level without attention with LoCon (see SGM_UPSAMPLER)."""
     import copy
 
     pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.model.ldm_names import webui_stride_fits
+
+    if layout == "sd15":
+        torch.manual_seed(0)
+        tiny_sd.unet = UNet2DConditionModel(**SD15_LAYOUT_UNET)
+    ldm_names = not webui_stride_fits(dict(tiny_sd.unet.config))
+    assert ldm_names == (layout == "tiny")
     cfg = tiny_config
     cfg.network_type = network_type
     cfg.conv_dim, cfg.conv_alpha = 3, 1.5
@@ -59,6 +107,26 @@ def test_diffusers_loads_every_key_and_matches(tiny_sd, tiny_config, tmp_path, n
     result = train(cfg, bundle)
     network = result.network
     _randomize(network)  # make the LoRA large enough that a dropped key would show
+    stems = [m.lora_name for m in network.loras]
+    unet_style = "lora_unet_input_blocks_" if ldm_names else "lora_unet_down_blocks_"
+    assert any(s.startswith(unet_style) for s in stems)
+    load_kwargs = {}
+    if ldm_names:
+        load_kwargs["unet_config"] = reference.unet.config
+        remap = _sgm_remap([s for s in stems if s.startswith("lora_unet_")], reference.unet.config)
+        if network_type == "LoCon":
+            assert remap.pop(SGM_UPSAMPLER) == "lora_unet_up_blocks_0_attentions_1_conv"  # no such layer
+            with torch.no_grad():  # leave that module out of the comparison below
+                next(m for m in network.loras if m.lora_name == SGM_UPSAMPLER).lora_up.weight.zero_()
+        # every other stem lands in the block (resnet, attention, sampler) its diffusers path names
+        from lora_trainer.model.ldm_names import unet_ldm_to_diffusers_names
+
+        block = re.compile(r"lora_unet_((?:down|up)_blocks_\d+_[a-z]+_\d+|mid_block_[a-z]+_\d+)_")
+        to_diffusers = {
+            "lora_unet_" + ldm.replace(".", "_"): "lora_unet_" + d.replace(".", "_")
+            for ldm, d in unet_ldm_to_diffusers_names(dict(reference.unet.config)).items()
+        }
+        assert {s: block.match(n)[1] for s, n in remap.items()} == {s: block.match(to_diffusers[s])[1] for s in remap}
     path = tmp_path / "lora.safetensors"
     from lora_trainer.network.save import save_lora_file
 
@@ -71,14 +139,15 @@ def test_diffusers_loads_every_key_and_matches(tiny_sd, tiny_config, tmp_path, n
     n_te = len({k.split(".")[0] for k in sd if k.startswith("lora_te_")})
     assert n_te == 2 * 6  # 2 CLIP layers x (q, k, v, out, fc1, fc2)
     if network_type == "Standard":
-        # 2 transformer blocks in down + 1 mid + 2 up... counted from the model, not hard-coded:
+        # counted from the model, not hard-coded:
         n_transformers = sum(type(m).__name__ == "Transformer2DModel" for m in tiny_sd.unet.modules())
         assert n_unet == n_transformers * 12
     else:
-        assert any("_resnets_" in k and "conv1" in k for k in sd)
-        assert any("_downsamplers_0_conv" in k for k in sd)
-        assert any("_upsamplers_0_conv" in k for k in sd)
-        conv = [k for k in sd if k.endswith("conv1.lora_down.weight")][0]
+        conv1, down, up = ("in_layers_2", "_0_op", "_conv") if ldm_names else ("conv1", "_downsamplers_0_conv", "_upsamplers_0_conv")
+        assert any(k.split(".")[0].endswith(conv1) for k in sd)
+        assert any(k.split(".")[0].endswith(down) for k in sd)
+        assert any(k.split(".")[0].endswith(up) and "_transformer_blocks_" not in k for k in sd)
+        conv = [k for k in sd if k.endswith(f"{conv1}.lora_down.weight")][0]
         assert sd[conv].shape[0] == 3 and sd[conv].shape[2:] == (3, 3)
 
     ids = tiny_sd.tokenizer(["ohwx, ring, blue background"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -97,20 +166,24 @@ def test_diffusers_loads_every_key_and_matches(tiny_sd, tiny_config, tmp_path, n
     assert not torch.allclose(ours_out, base_out, atol=1e-3), "the LoRA must change the output"
     assert not torch.allclose(ours_cond, base_cond, atol=1e-3)
 
+    if ldm_names:  # without the UNet's config diffusers' SD1 pipeline does not remap LDM names
+        with pytest.raises(ValueError, match="not found in the base model"):
+            _pipeline(copy.deepcopy(reference)).load_lora_weights(str(path.parent), weight_name=path.name)
     pipe = _pipeline(reference)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="ours")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="ours", **load_kwargs)
     theirs_cond, theirs_out = _outputs(reference, ids, x, t)
     torch.testing.assert_close(theirs_cond, ours_cond, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(theirs_out, ours_out, atol=1e-5, rtol=1e-4)
     pipe.set_adapters(["ours"], adapter_weights=[0.5])
     torch.testing.assert_close(_outputs(reference, ids, x, t)[1], ours_half, atol=1e-5, rtol=1e-4)
 
-    # every LoRA layer of the file became a peft layer in diffusers
+    # every LoRA layer of the file became a peft layer in diffusers (but the one it cannot place)
     from peft.tuners.lora import LoraLayer
 
     peft_unet = sum(isinstance(m, LoraLayer) for m in reference.unet.modules())
     peft_te = sum(isinstance(m, LoraLayer) for m in reference.text_encoder.modules())
-    assert (peft_unet, peft_te) == (n_unet, n_te)
+    dropped = int(ldm_names and network_type == "LoCon")
+    assert (peft_unet, peft_te) == (n_unet - dropped, n_te)
 
 
 def test_metadata_and_keys(tiny_sd, tiny_config):

@@ -159,7 +159,8 @@ class StandaloneGenerator:
         self._networks: dict[str, object] = {}
 
     def _targets(self):
-        """Every module a LoRA file may name: SD1/SD2 ``lora_unet_`` / ``lora_te_`` + diffusers paths;
+        """Every module a LoRA file may name: SD1/SD2 ``lora_unet_`` + diffusers paths on SD1/SD2's
+        own layout, LDM paths on others (``ldm_names.kohya_unet_name_map``), ``lora_te_`` + HF paths;
         SDXL ``lora_unet_`` + SGM paths, ``lora_te1_`` / ``lora_te2_`` for the two text encoders."""
         if getattr(self.parts, "family", "") == "sdxl":
             from ..model.sdxl import sdxl_text_encoder_targets, sdxl_unet_targets
@@ -167,17 +168,26 @@ class StandaloneGenerator:
             return sdxl_unet_targets(self.parts.unet, True) + sdxl_text_encoder_targets(
                 self.parts.text_encoder, self.parts.text_encoder_2
             )
-        from ..network.targets import TEXT_CONTAINERS, UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
+        from ..model.sd import sd_unet_targets
+        from ..network.targets import TEXT_CONTAINERS, find_targets
 
-        targets = find_targets(self.parts.unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS)
+        targets = sd_unet_targets(self.parts.unet, True)
         return targets + find_targets(self.parts.text_encoder, "lora_te", TEXT_CONTAINERS)
+
+    def _aliases(self) -> dict[str, str]:
+        """The other name an SD1/SD2 file may give a UNet layer (its diffusers or its LDM path: a file
+        from another trainer, or one written before the naming rule) -> the name in ``_targets``."""
+        if getattr(self.parts, "family", "") == "sdxl":
+            return {}
+        from ..model.ldm_names import kohya_unet_stems
+
+        return kohya_unet_stems(dict(self.parts.unet.config))
 
     def _network(self, path: str):
         if path not in self._networks:
             from ..network.load import network_from_file
 
-            targets = self._targets()
-            net, unmatched = network_from_file(path, targets)
+            net, unmatched = network_from_file(path, self._targets(), self._aliases())
             if unmatched:
                 from ..errors import ModelLoadError
 

@@ -1,8 +1,10 @@
 """LoRA targets on an LDM UNet (what A1111 and Forge hold), named as the file format wants.
 
-For SD1.x/SD2.x the kohya key of a UNet layer is its *diffusers* path, so each LDM module path
-is translated through the mapping of :mod:`ldm_names` (derived from the UNet's structure and
-tested against diffusers' own converter). No diffusers import: hosts may lack it.
+For SD1.x/SD2.x the kohya key of a UNet layer is its *diffusers* path where the WebUIs' fixed SD1.5
+arithmetic reads that name back onto the right layer, and its LDM path on other layouts (see
+:func:`ldm_names.kohya_unet_name_map`, the one rule every SD1/SD2 bundle uses). The diffusers path
+comes from the mapping of :mod:`ldm_names` (derived from the UNet's structure and tested against
+diffusers' own converter). No diffusers import: hosts may lack it.
 """
 
 from __future__ import annotations
@@ -15,28 +17,23 @@ import torch
 from torch import nn
 
 from ..network.targets import UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, Target, find_targets
-from .ldm_names import unet_config_from_ldm_state_dict, unet_ldm_to_diffusers_names
+from .ldm_names import kohya_unet_name_map, unet_config_from_ldm_state_dict
+
+
+def ldm_unet_config(ldm_unet: nn.Module) -> dict:
+    """The structural diffusers config of an LDM ``UNetModel``, read from its weights' shapes."""
+    return unet_config_from_ldm_state_dict(dict(ldm_unet.state_dict(keep_vars=True)))
 
 
 def ldm_unet_lora_targets(ldm_unet: nn.Module, include_conv: bool, config: dict | None = None) -> list[Target]:
-    """Targets of an SD1/SD2 LDM ``UNetModel`` with diffusers-style kohya names."""
-    if config is None:
-        shapes = {k: p for k, p in ldm_unet.state_dict(keep_vars=True).items()}
-        config = unet_config_from_ldm_state_dict(shapes)
-    mapping = unet_ldm_to_diffusers_names(config)
-
-    def name_map(path: str) -> str:
-        try:
-            return mapping[path]
-        except KeyError:
-            raise KeyError(f"LDM UNet module {path!r} has no diffusers name; the UNet layout is not SD1/SD2") from None
-
+    """Targets of an SD1/SD2 LDM ``UNetModel`` with kohya names (diffusers-style on SD1/SD2's own
+    layout, LDM-style on others: :func:`ldm_names.kohya_unet_name_map`)."""
     return find_targets(
         ldm_unet,
         "lora_unet",
         UNET_ATTENTION_CONTAINERS,
         UNET_CONV_CONTAINERS if include_conv else frozenset(),
-        name_map=name_map,
+        name_map=kohya_unet_name_map(config if config is not None else ldm_unet_config(ldm_unet), "ldm"),
     )
 
 

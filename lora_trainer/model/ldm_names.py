@@ -20,7 +20,7 @@ longest-module-prefix match, see :func:`rename_key` / :func:`convert_unet_state_
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,6 +32,10 @@ __all__ = [
     "unet_ldm_to_diffusers_names",
     "unet_diffusers_to_ldm_names",
     "unet_config_from_ldm_state_dict",
+    "webui_fixed_ldm_path",
+    "webui_stride_fits",
+    "kohya_unet_name_map",
+    "kohya_unet_stems",
     "rename_key",
     "convert_unet_state_dict",
     "vae_diffusers_to_ldm_names",
@@ -246,6 +250,118 @@ def unet_ldm_to_diffusers_names(config: Mapping[str, Any]) -> dict[str, str]:
 def unet_diffusers_to_ldm_names(config: Mapping[str, Any]) -> dict[str, str]:
     """Inverse of :func:`unet_ldm_to_diffusers_names` (diffusers module path -> LDM module path)."""
     return _invert(unet_ldm_to_diffusers_names(config))
+
+
+# --------------------------------------------------------------------------- kohya UNet names (SD1/SD2)
+#
+# kohya names an SD1/SD2 UNet layer by its diffusers path. The WebUIs do not read those names through
+# the model's layout: A1111 turns them into LDM paths with SD1.5's block counts fixed in its arithmetic,
+# so on a UNet of another layout some names match no layer or a neighbouring one (Forge derives its
+# table from the loaded UNet's config). Both hosts also accept ``lora_unet_`` + the LDM path
+# itself (A1111 by its fallback that swaps ``lora_unet`` for ``diffusion_model``; Forge's key map lists
+# every UNet weight that way), which is right for any layout. So: diffusers names where the fixed
+# arithmetic lands every layer where it belongs, LDM names elsewhere.
+
+_WEBUI_RESNET_PARTS = {
+    diff: ldm.replace(".", "_") for ldm, diff in _UNET_RESNET + (_UNET_RESNET_SHORTCUT,) if not diff.startswith("norm")
+}
+_FIXED_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)")
+_FIXED_MID = re.compile(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)")
+_FIXED_SAMPLER = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv")
+_NORM = re.compile(r"(^|\.)norm\d*$")
+
+
+def webui_fixed_ldm_path(diffusers_path: str) -> str | None:
+    """The LDM module path the WebUIs read a diffusers-style SD1/SD2 UNet name as, whatever the
+    UNet's layout; ``None`` for a path outside that scheme. Restated from A1111's Lora extension:
+    every down level is three input blocks (two ResBlocks and a downsampler, the first level from
+    block 1), every up level three output blocks, the upsampler last in its level's last block, at
+    position 1 in the first up level (SD1.5 has no attention there) and 2 elsewhere; the middle block
+    is ResBlock, attention, ResBlock. A ResBlock's ``conv1``, ``conv2``, ``time_emb_proj`` and
+    ``conv_shortcut`` get their LDM names, any other part of a path is kept as it is. The result has
+    "_" where a host compares, so compare it with ``.replace(".", "_")`` of an LDM path."""
+    if m := _FIXED_BLOCK.fullmatch(diffusers_path):
+        side, level, kind, j, rest = m.groups()
+        down = side == "down_blocks"
+        block = (1 if down else 0) + 3 * int(level) + int(j)
+        rest = _WEBUI_RESNET_PARTS.get(rest, rest) if kind == "resnets" else rest
+        return f"{'input' if down else 'output'}_blocks.{block}.{int(kind == 'attentions')}.{rest}"
+    if m := _FIXED_MID.fullmatch(diffusers_path):
+        kind, j, rest = m.groups()
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * int(j)}.{_WEBUI_RESNET_PARTS.get(rest, rest)}"
+    if m := _FIXED_SAMPLER.fullmatch(diffusers_path):
+        side, level, _ = m.groups()
+        if side == "down_blocks":
+            return f"input_blocks.{3 + 3 * int(level)}.0.op"
+        return f"output_blocks.{2 + 3 * int(level)}.{2 if int(level) > 0 else 1}.conv"
+    if diffusers_path == "conv_in":
+        return "input_blocks.0.0"
+    if diffusers_path == "conv_out":
+        return "out.2"
+    if m := re.fullmatch(r"time_embedding\.linear_(\d+)", diffusers_path):
+        return f"time_embed.{2 * int(m.group(1)) - 2}"
+    return None
+
+
+def _lora_layers(diffusers_to_ldm: Mapping[str, str]) -> dict[str, str]:
+    """The part of a UNet mapping a Standard or LoCon LoRA may train: every layer inside the down,
+    middle and up blocks but the norms (attention projections, feed-forwards, ResBlock convs and
+    their time projections, shortcuts, resamplers)."""
+    return {
+        d: ldm
+        for d, ldm in diffusers_to_ldm.items()
+        if d.startswith(("down_blocks.", "mid_block.", "up_blocks.")) and not _NORM.search(d)
+    }
+
+
+def webui_stride_fits(config: Mapping[str, Any]) -> bool:
+    """Whether the WebUIs' fixed SD1.5 arithmetic (:func:`webui_fixed_ldm_path`) puts every layer a
+    Standard or LoCon LoRA may train on this UNet where it belongs (true for SD1.x and SD2.x). Decided
+    for the model, not the network type, so one model's layers have one name in every file."""
+    for d, ldm in _lora_layers(unet_diffusers_to_ldm_names(config)).items():
+        fixed = webui_fixed_ldm_path(d)
+        if fixed is None or fixed.replace(".", "_") != ldm.replace(".", "_"):
+            return False
+    return True
+
+
+def kohya_unet_name_map(config: Mapping[str, Any], source: Literal["diffusers", "ldm"]) -> Callable[[str], str]:
+    """Module path -> the path a kohya file names it by (after ``lora_unet_``, "." to "_"), for an
+    SD1/SD2 UNet given by its diffusers ``config``. ``source`` says which paths come in: a diffusers
+    UNet's (standalone) or an LDM UNet's (A1111, Forge). The path out is the diffusers path where
+    :func:`webui_stride_fits`, the LDM path otherwise, so a model gets the same names in every host.
+    A path outside the UNet's layout raises ``KeyError``."""
+    ldm_to_diffusers = unet_ldm_to_diffusers_names(config)
+    use_ldm = not webui_stride_fits(config)
+    if source == "diffusers":
+        known: dict[str, str] = {d: (ldm if use_ldm else d) for ldm, d in ldm_to_diffusers.items()}
+    elif source == "ldm":
+        known = {ldm: (ldm if use_ldm else d) for ldm, d in ldm_to_diffusers.items()}
+    else:
+        raise ValueError(f"source must be 'diffusers' or 'ldm', got {source!r}")
+
+    def name_map(path: str) -> str:
+        try:
+            return known[path]
+        except KeyError:
+            raise KeyError(f"UNet module {path!r} is not part of this SD1/SD2 UNet layout") from None
+
+    return name_map
+
+
+def kohya_unet_stems(config: Mapping[str, Any]) -> dict[str, str]:
+    """Every ``lora_unet_`` stem a kohya file may use for a layer of this UNet, in either style
+    (diffusers path or LDM path), -> the stem :func:`kohya_unet_name_map` gives that layer: a file
+    written under the other rule (or by another trainer) still finds its layers."""
+    name_map = kohya_unet_name_map(config, "ldm")
+    out: dict[str, str] = {}
+    for ldm, d in unet_ldm_to_diffusers_names(config).items():
+        ours = "lora_unet_" + name_map(ldm).replace(".", "_")
+        for path in (d, ldm):
+            out["lora_unet_" + path.replace(".", "_")] = ours
+    return out
 
 
 def unet_config_from_ldm_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

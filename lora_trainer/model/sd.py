@@ -17,6 +17,7 @@ from ..network.targets import (
     find_targets,
 )
 from .bundle import ModelBundle
+from .ldm_names import kohya_unet_name_map
 
 
 @dataclass
@@ -109,9 +110,7 @@ def make_sd_bundle(
         return unet(x_t, t, encoder_hidden_states=cond).sample
 
     def unet_targets(include_conv: bool) -> list[Target]:
-        return find_targets(
-            unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS if include_conv else frozenset()
-        )
+        return sd_unet_targets(unet, include_conv)
 
     def text_encoder_targets() -> list[Target]:
         return find_targets(te, "lora_te", TEXT_CONTAINERS)
@@ -141,6 +140,19 @@ def make_sd_bundle(
         default_resolution=int(getattr(unet.config, "sample_size", 64)) * 8,
         enable_gradient_checkpointing=enable_gradient_checkpointing,
         set_attention=set_attention,
+    )
+
+
+def sd_unet_targets(unet: nn.Module, include_conv: bool) -> list[Target]:
+    """Targets of an SD1/SD2 diffusers UNet with kohya names: the diffusers paths on SD1/SD2's own
+    layout, the LDM paths on others (:func:`ldm_names.kohya_unet_name_map`), as a host names the same
+    model's layers."""
+    return find_targets(
+        unet,
+        "lora_unet",
+        UNET_ATTENTION_CONTAINERS,
+        UNET_CONV_CONTAINERS if include_conv else frozenset(),
+        name_map=kohya_unet_name_map(dict(unet.config), "diffusers"),
     )
 
 
