@@ -23,6 +23,8 @@ from lora_trainer.model.ldm_names import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
     convert_unet_state_dict,
+    kohya_unet_name_map,
+    kohya_unet_stems,
     rename_key,
     text_encoder_from_ldm_state_dict,
     text_encoder_to_ldm_state_dict,
@@ -33,6 +35,8 @@ from lora_trainer.model.ldm_names import (
     vae_diffusers_to_ldm_names,
     vae_diffusers_to_ldm_state_dict,
     vae_ldm_to_diffusers_state_dict,
+    webui_fixed_ldm_path,
+    webui_stride_fits,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -265,6 +269,95 @@ def test_real_size_ldm_unet_module_bijection(name: str) -> None:
         with _quiet():
             ldm_unet = openaimodel.UNetModel(**_ldm_unet_kwargs(dict(unet.config)))
     _check_module_bijection(ldm_unet, unet, dict(unet.config))
+
+
+# --------------------------------------------------------------------------- UNet: kohya names
+
+
+def _tiny_world_unet() -> dict[str, Any]:
+    path = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "tiny_world" / "unet" / "config.json"
+    return json.loads(path.read_text())
+
+
+def _layouts() -> dict[str, tuple[dict[str, Any], bool]]:
+    """Configs and whether the WebUIs' fixed SD1.5 arithmetic fits them."""
+    from lora_trainer.model.tiny import TINY_UNET
+
+    return {
+        "sd15": (SD15_UNET, True),
+        "sd21": (SD21_UNET, True),
+        "sd1_3level": (UNET_SD1_3LEVEL, True),  # SD1.5's layout, one level fewer
+        "2level": (UNET_2LEVEL, False),  # one ResBlock per level
+        "sd2_3level": (UNET_SD2_3LEVEL, False),  # attention in the first up level: its upsampler moves
+        "tiny": (TINY_UNET, False),
+        "tiny_world": (_tiny_world_unet(), False),
+    }
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sd1_3level", "2level", "sd2_3level", "tiny", "tiny_world"])
+def test_webui_stride_fits_sd1_and_sd2_layouts_only(name: str) -> None:
+    config, fits = _layouts()[name]
+    assert webui_stride_fits(config) is fits
+    diffusers_to_ldm = unet_diffusers_to_ldm_names(config)
+    by_diffusers = kohya_unet_name_map(config, "diffusers")
+    by_ldm = kohya_unet_name_map(config, "ldm")
+    for d, ldm in diffusers_to_ldm.items():
+        want = d if fits else ldm  # diffusers names kept exactly on SD1/SD2's layout
+        assert by_diffusers(d) == by_ldm(ldm) == want
+    stems = kohya_unet_stems(config)
+    assert len(stems) == 2 * len(diffusers_to_ldm)  # both styles of every layer
+    assert set(stems.values()) == {"lora_unet_" + by_ldm(ldm).replace(".", "_") for ldm in diffusers_to_ldm.values()}
+    with pytest.raises(KeyError, match="not part of this SD1/SD2 UNet layout"):
+        by_diffusers("down_blocks.9.attentions.0.proj_in")
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_real_size_sd1_sd2_lora_names_stay_diffusers_paths(name: str) -> None:
+    """kohya's own names for SD1.x/SD2.x (the diffusers paths), LoCon included, unchanged."""
+    from lora_trainer.model.sd import sd_unet_targets
+    from lora_trainer.network.targets import UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**{"sd15": SD15_UNET, "sd21": SD21_UNET}[name])
+    plain = [t.lora_name for t in find_targets(unet, "lora_unet", UNET_ATTENTION_CONTAINERS, UNET_CONV_CONTAINERS)]
+    assert [t.lora_name for t in sd_unet_targets(unet, True)] == plain and len(plain) == 192 + 86
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv" in plain
+
+
+def test_webui_fixed_arithmetic_on_sd15() -> None:
+    """The WebUIs' reading of diffusers names, checked on SD1.5 where it is right by construction."""
+    expected = {
+        "down_blocks.0.attentions.1.proj_in": "input_blocks.2.1.proj_in",
+        "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
+        "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
+        "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block.1.transformer_blocks.0.attn2.to_k",
+        "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+        "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",  # no attention in SD1.5's first up level
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2": "output_blocks.11.1.transformer_blocks.0.ff.net.2",
+        "up_blocks.2.resnets.0.conv1": "output_blocks.6.0.in_layers.2",
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_2": "time_embed.2",
+    }
+    mapping = unet_diffusers_to_ldm_names({**SD15_UNET, "in_channels": 4, "out_channels": 4})
+    for d, ldm in expected.items():
+        assert webui_fixed_ldm_path(d).replace(".", "_") == ldm.replace(".", "_") == mapping[d].replace(".", "_"), d
+    assert webui_fixed_ldm_path("down_blocks.0.resnets.0.norm1") == "input_blocks.1.0.norm1"  # only the four convs
+    assert webui_fixed_ldm_path("text_model.encoder.layers.0.mlp.fc1") is None
+
+
+def test_webui_fixed_arithmetic_misreads_one_resblock_per_level() -> None:
+    """The tiny model (one ResBlock per level): the fixed arithmetic reads the up level's first attention
+    as its second and the second as a block that does not exist; the LDM names say where they are."""
+    from lora_trainer.model.tiny import TINY_UNET
+
+    mapping = unet_diffusers_to_ldm_names(TINY_UNET)
+    assert mapping["up_blocks.1.attentions.0.proj_in"] == "output_blocks.2.1.proj_in"
+    assert webui_fixed_ldm_path("up_blocks.1.attentions.0.proj_in") == "output_blocks.3.1.proj_in"
+    assert webui_fixed_ldm_path("up_blocks.1.attentions.1.proj_in") == "output_blocks.4.1.proj_in"
+    assert "output_blocks.4.1.proj_in" not in mapping.values()
+    assert kohya_unet_name_map(TINY_UNET, "diffusers")("up_blocks.1.attentions.0.proj_in") == "output_blocks.2.1.proj_in"
 
 
 def _check_module_bijection(ldm_unet: nn.Module, unet: nn.Module, config: dict[str, Any]) -> None:
