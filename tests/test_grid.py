@@ -113,3 +113,56 @@ def test_grid_grows_a_column_per_saved_epoch_while_training(tiny_sd, tiny_config
     x1, y1 = cell_origin(seen[0][2], 1, 0)
     x2, y2 = cell_origin(params, 1, 0)
     assert np.array_equal(seen[0][1][y1 : y1 + 64, x1 : x1 + 64], final[y2 : y2 + 64, x2 : x2 + 64])
+
+
+def test_the_grid_loader_puts_either_name_style_on_the_trained_layers(tiny_sd, tiny_config, tmp_path):
+    """The tiny model is not laid out as SD1.5 (one ResBlock per level), so its files name the UNet
+    layers by their LDM paths. The grid's loader puts such a file, and the same file with diffusers
+    names (kohya's SD1 naming, older files), on the layers it was trained on: the same outputs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.model.ldm_names import unet_ldm_to_diffusers_names
+    from lora_trainer.world.sample import lora_weight
+
+    tiny_config.network_type = "LoCon"
+    tiny_config.conv_dim, tiny_config.conv_alpha = 3, 1.5
+    tiny_config.max_train_epochs = 1
+    result = train(tiny_config, make_sd_bundle(tiny_sd))
+    network = result.network
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # large enough that a module on a wrong layer (or none) would show
+        for m in network.loras:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.2)
+    ldm_file = tmp_path / "ldm.safetensors"
+    save_file(network.kohya_state_dict(torch.float32), str(ldm_file))
+    stems = {k.partition(".")[0] for k in load_file(str(ldm_file))}
+    assert "lora_unet_output_blocks_2_1_proj_in" in stems and "lora_unet_output_blocks_1_1_conv" in stems
+    assert not any(s.startswith("lora_unet_up_blocks_") for s in stems)
+    to_diffusers = {
+        "lora_unet_" + ldm.replace(".", "_"): "lora_unet_" + d.replace(".", "_")
+        for ldm, d in unet_ldm_to_diffusers_names(dict(tiny_sd.unet.config)).items()
+    }
+    diffusers_file = tmp_path / "diffusers.safetensors"
+    save_file({to_diffusers.get(k.partition(".")[0], k.partition(".")[0]) + "." + k.partition(".")[2]: v
+               for k, v in load_file(str(ldm_file)).items()}, str(diffusers_file))
+
+    ids = tiny_sd.tokenizer(["ohwx, ring"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+
+    def outputs(net):
+        with torch.no_grad(), lora_weight(net, 1.0):
+            cond = tiny_sd.text_encoder(ids)[0]
+            return cond, tiny_sd.unet(x, t, encoder_hidden_states=cond).sample
+
+    base = outputs(None)
+    trained = outputs(network)
+    assert not torch.allclose(trained[1], base[1], atol=1e-3)
+    gen = StandaloneGenerator(tiny_sd)
+    for path in (ldm_file, diffusers_file):
+        loaded = gen._network(str(path))  # raises on a module that matches no layer
+        assert sorted(m.lora_name for m in loaded.loras) == sorted(m.lora_name for m in network.loras)
+        got = outputs(loaded)
+        torch.testing.assert_close(got[0], trained[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[1], trained[1], rtol=0, atol=1e-6)

@@ -456,7 +456,8 @@ def test_run_trains_the_loaded_model_and_leaves_it_as_it_was(host_env, cfg):
     names = {k.split(".")[0] for k in tensors}
     expected = _expected_names(sd)
     assert names == expected and len(tensors) == 3 * len(expected)
-    assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k") for n in names)
+    # one ResBlock per level, not SD1.5's layout: the UNet layers are named by their LDM paths
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k" in names
     assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
     # every adapter learned something: ldm's own checkpointing (on in this UNet) was switched off for the run
     dead = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0]
@@ -1418,7 +1419,10 @@ def test_sd2_run_trains_the_text_encoder_loads_in_diffusers_and_leaves_the_host_
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.load_lora_weights(str(env.lora_dir), weight_name="t.safetensors", adapter_name="ours")
+    # the tiny SD2 UNet is not laid out as SD2's, so its layers have LDM names, which diffusers' SD1/SD2
+    # pipeline remaps only when given the UNet's config (its SDXL pipeline passes it by itself)
+    assert any(n.startswith("lora_unet_input_blocks_") for n in expected)
+    pipe.load_lora_weights(str(env.lora_dir), weight_name="t.safetensors", adapter_name="ours", unet_config=reference.unet.config)
     counts = [sum(isinstance(m, LoraLayer) for m in getattr(reference, n).modules()) for n in ("unet", "text_encoder")]
     assert counts == [sum(n.startswith(p) for n in expected) for p in ("lora_unet_", "lora_te_")]
     ids = reference.tokenizer([SD2_PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -1869,15 +1873,22 @@ def test_a_layout_the_host_maps_fully_gives_no_warning(monkeypatch, tmp_path, _m
     assert len(match.applied) == len(_expected_names(env.sd)) == 72 + 12  # every UNet and text module
 
 
-def test_a_layout_the_host_maps_differently_is_reported_before_the_grid(host_env, cfg, monkeypatch):
-    """The tiny model has one ResBlock per level: A1111's fixed stride sends 12 modules nowhere and
-    12 others onto the neighbouring attention (same shapes: silently wrong). Said after each save,
-    before any grid cell."""
-    from lora_trainer.hosts.a1111 import A1111Host
+def test_a_layout_off_the_fixed_stride_gets_ldm_names_the_host_applies_fully(host_env, cfg, monkeypatch):
+    """The tiny model has one ResBlock per level, which A1111's fixed SD1.5 stride misreads (see the
+    next test): its files name the UNet layers by their LDM paths, which A1111's fallback puts on
+    exactly the layers they were trained on. No warning, and the grid is made."""
+    from lora_trainer.hosts.a1111 import A1111Host, a1111_key_match
+    from lora_trainer.model.ldm import ldm_unet_lora_targets
     from lora_trainer.train.events import EventBus, StopControl
 
     install_fake_lora_loader(monkeypatch, host_env)
     order: list[str] = []
+
+    def load_network(name, network_on_disk):
+        order.append(f"check {name}")
+        return fake_load_network(name, network_on_disk)
+
+    host_env.networks.load_network = load_network
     processing = types.ModuleType("modules.processing")
     processing.StableDiffusionProcessingTxt2Img = lambda **kw: SimpleNamespace(kw=kw, close=lambda: None)
 
@@ -1891,18 +1902,61 @@ def test_a_layout_the_host_maps_differently_is_reported_before_the_grid(host_env
     monkeypatch.setitem(sys.modules, "modules.processing", processing)
     monkeypatch.setattr(sys.modules["modules"], "processing", processing, raising=False)
     events: list = []
-
-    def listen(ev):
-        events.append(ev)
-        if _messages([ev]) and "LoRA modules of" in ev.text:
-            order.append("warning")
-
     cfg = cfg.with_overrides(["grid_after_training=true", "grid_weights=1"])
-    A1111Host().run(cfg, EventBus(listen), StopControl())
-    warnings = [t for level, t in _messages(events) if level == "warning" and "LoRA modules of" in t]
-    assert len(warnings) == 2 and order[:2] == ["warning", "warning"] and "cell" in order
-    text = warnings[-1]
-    assert "A1111 will ignore or misplace 24 of 60 LoRA modules of t.safetensors" in text
+    A1111Host().run(cfg, EventBus(events.append), StopControl())
+    assert not [m for m in _messages(events) if "LoRA modules of" in m[1] or "not checked" in m[1]]
+    assert order[:2] == ["check t-000001", "check t"] and set(order[2:]) == {"cell"}, "each file checked, before the grid"
+    match = a1111_key_match(host_env.lora_dir / "t.safetensors")
+    targets = {t.lora_name: t.module for t in ldm_unet_lora_targets(host_env.sd.model.diffusion_model, False)}
+    assert len(targets) == 48 and set(targets) <= set(match.applied) and len(match.applied) == 60
+    assert all(match.applied[stem].module is module for stem, module in targets.items())
+    assert "lora_unet_output_blocks_2_1_proj_in" in targets and match.applied["lora_unet_output_blocks_2_1_proj_in"].name == (
+        "diffusion_model_output_blocks_2_1_proj_in"
+    )
+
+
+def _diffusers_named_file(sd_model, path: Path) -> SimpleNamespace:
+    """A LoRA file for every UNet and text-encoder layer of ``sd_model`` with kohya's SD1 names taken
+    literally (diffusers paths, whatever the layout), and the trained network as ``HostKeyCheck`` reads it."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.model.ldm import ldm_unet_config, ldm_unet_lora_targets
+    from lora_trainer.model.ldm_names import unet_ldm_to_diffusers_names
+    from lora_trainer.network import LoRANetwork
+    from lora_trainer.network.targets import TEXT_CONTAINERS, find_targets
+
+    unet = sd_model.model.diffusion_model
+    to_diffusers = {
+        "lora_unet_" + ldm.replace(".", "_"): "lora_unet_" + d.replace(".", "_")
+        for ldm, d in unet_ldm_to_diffusers_names(ldm_unet_config(unet)).items()
+    }
+    targets = ldm_unet_lora_targets(unet, False) + find_targets(_text_encoder(sd_model), "lora_te", TEXT_CONTAINERS)
+    net = LoRANetwork.create(targets, 4, 4.0)
+    renamed = {}
+    for key, value in net.kohya_state_dict().items():
+        stem, _, part = key.partition(".")
+        renamed[f"{to_diffusers.get(stem, stem)}.{part}"] = value
+    save_file(renamed, str(path))
+    loras = [SimpleNamespace(lora_name=to_diffusers.get(m.lora_name, m.lora_name), org_module=m.org_module) for m in net.loras]
+    return SimpleNamespace(loras=loras)
+
+
+def test_diffusers_names_on_that_layout_are_reported(host_env, monkeypatch):
+    """The same layers named by their diffusers paths, as kohya's SD1 naming would: A1111's fixed
+    stride sends 12 modules nowhere and 12 others onto the neighbouring attention (same shapes:
+    silently wrong). The check says so."""
+    from lora_trainer.hosts.a1111 import a1111_key_match
+    from lora_trainer.hosts.webui_common import HostKeyCheck
+    from lora_trainer.train.events import EventBus
+
+    install_fake_lora_loader(monkeypatch, host_env)
+    host_env.lora_dir.mkdir(parents=True, exist_ok=True)
+    path = host_env.lora_dir / "d.safetensors"
+    network = _diffusers_named_file(host_env.sd, path)
+    events: list = []
+    HostKeyCheck("A1111", a1111_key_match, EventBus(events.append))(path, network)
+    [(level, text)] = _messages(events)
+    assert level == "warning" and "A1111 will ignore or misplace 24 of 60 LoRA modules of d.safetensors" in text
     assert "12 match no layer" in text and "lora_unet_up_blocks_1_attentions_1_proj_in" in text
     assert "12 land on another layer" in text
     assert "lora_unet_up_blocks_1_attentions_0_proj_in -> diffusion_model_output_blocks_3_1_proj_in, not the layer it was trained on" in text

@@ -826,7 +826,8 @@ def test_forge_host_trains_end_to_end(fake_forge, tiny_config):
     assert files == ["t-000001.safetensors", "t.safetensors"]
     assert sum(1 for e in log if e == ("refresh",)) >= 2
     sd = load_file(str(folder / "t.safetensors"))
-    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in sd), "diffusers-style SD1.5 names"
+    # the tiny model is not laid out as SD1.5 (one ResBlock per level): LDM names, as standalone
+    assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in sd), "LDM names off SD1.5's layout"
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in sd)
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_up" in k), "the LoRA learned something"
 
@@ -1415,14 +1416,15 @@ def test_sdxl_refiner_is_refused(fake_forge_xl, tiny_config):
 _CLIP_PARTS = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj")
 
 
-def fake_forge_lora_module(with_diffusers_names: bool = True) -> types.ModuleType:
+def fake_forge_lora_module(with_diffusers_names: bool = True, with_ldm_names: bool = True) -> types.ModuleType:
     """Stands for Forge's ``backend.patcher.lora`` as ``load_lora_for_models`` uses it, restated:
     ``model_lora_keys_unet(model, key_map)`` names every UNet weight ``lora_unet_<LDM path>`` and,
     through Forge's config-driven diffusers<->LDM table (here ``ldm_names``, tested against diffusers'
     converter), ``lora_unet_<diffusers path>``; ``model_lora_keys_clip`` names CLIP-L's attention and
     MLP weights ``lora_te_``/``lora_te1_``; ``load_lora(lora, key_map)`` returns (model key -> LoRA
     patch, the file's keys it did not use). ``with_diffusers_names=False``: a Forge whose table
-    lacks this UNet's layout."""
+    lacks this UNet's layout; ``with_ldm_names=False`` as well: a Forge that knows no name of its
+    UNet's layers (a model it does not support)."""
     from lora_trainer.model.ldm_names import unet_config_from_ldm_state_dict, unet_ldm_to_diffusers_names
 
     mod = types.ModuleType("backend.patcher.lora")
@@ -1430,7 +1432,7 @@ def fake_forge_lora_module(with_diffusers_names: bool = True) -> types.ModuleTyp
     def model_lora_keys_unet(model, key_map):
         sd = model.state_dict()
         for k in sd:
-            if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            if with_ldm_names and k.startswith("diffusion_model.") and k.endswith(".weight"):
                 key_map["lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_")] = k
         if with_diffusers_names:
             config = unet_config_from_ldm_state_dict(sd, "diffusion_model.")
@@ -1491,10 +1493,28 @@ def test_forge_applies_every_saved_module_no_warning(fake_forge, tiny_config, mo
     assert set(match.applied) == set(lora_module_shapes(saved)) and len(match.applied) == 60
 
 
-def test_forge_dropping_the_whole_file_is_reported_before_the_grid(fake_forge, fake_processing, tiny_config, monkeypatch):
-    """A Forge whose key table lacks this UNet's diffusers names leaves all 48 UNet modules (144 keys)
-    unmatched: over its limit of 12 it applies nothing of the file. Said after each save, before the grid."""
+def test_forge_without_diffusers_names_still_applies_every_module(fake_forge, tiny_config, monkeypatch):
+    """The tiny model's layout is not SD1.5's, so its files name the UNet layers by their LDM paths:
+    Forge applies them through its ``lora_unet_<LDM path>`` keys even where its diffusers table
+    lacks the layout, on exactly the layers they were trained on."""
+    from lora_trainer.hosts.forge import forge_key_match
+    from lora_trainer.model.ldm import ldm_unet_lora_targets
+
     install_fake_forge_lora(monkeypatch, with_diffusers_names=False)
+    events: list = []
+    run_in_thread(ForgeHost(), tiny_config, EventBus(events.append), StopControl())
+    assert _loader_messages(events) == []
+    match = forge_key_match(fake_forge.sd_model, ForgeHost().lora_dir() / "t.safetensors")
+    unet = fake_forge.sd_model.forge_objects.unet.model.diffusion_model
+    targets = {t.lora_name: t.module for t in ldm_unet_lora_targets(unet, False)}
+    assert len(targets) == 48 and len(match.applied) == 60
+    assert all(match.applied[stem].module is module for stem, module in targets.items())
+
+
+def test_forge_dropping_the_whole_file_is_reported_before_the_grid(fake_forge, fake_processing, tiny_config, monkeypatch):
+    """A Forge whose key table knows no name of this UNet's layers leaves all 48 UNet modules (144 keys)
+    unmatched: over its limit of 12 it applies nothing of the file. Said after each save, before the grid."""
+    install_fake_forge_lora(monkeypatch, with_diffusers_names=False, with_ldm_names=False)
     order: list[str] = []
 
     def listen(ev):
