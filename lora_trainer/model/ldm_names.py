@@ -272,14 +272,15 @@ _NORM = re.compile(r"(^|\.)norm\d*$")
 
 
 def webui_fixed_ldm_path(diffusers_path: str) -> str | None:
-    """The LDM module path the WebUIs read a diffusers-style SD1/SD2 UNet name as, whatever the
-    UNet's layout; ``None`` for a path outside that scheme. Restated from A1111's Lora extension:
+    """The LDM module path A1111's Lora extension reads a diffusers-style SD1/SD2 UNet name as,
+    whatever the UNet's layout; ``None`` for a path outside that scheme. Its arithmetic, in words:
     every down level is three input blocks (two ResBlocks and a downsampler, the first level from
     block 1), every up level three output blocks, the upsampler last in its level's last block, at
     position 1 in the first up level (SD1.5 has no attention there) and 2 elsewhere; the middle block
     is ResBlock, attention, ResBlock. A ResBlock's ``conv1``, ``conv2``, ``time_emb_proj`` and
-    ``conv_shortcut`` get their LDM names, any other part of a path is kept as it is. The result has
-    "_" where a host compares, so compare it with ``.replace(".", "_")`` of an LDM path."""
+    ``conv_shortcut`` get their LDM names, any other part of a path is kept as it is. Those parts come
+    out with "_" (``in_layers_2``): the host compares names with "_" for ".", so compare the result
+    with an LDM path after ``.replace(".", "_")`` on both."""
     if m := _FIXED_BLOCK.fullmatch(diffusers_path):
         side, level, kind, j, rest = m.groups()
         down = side == "down_blocks"
@@ -317,7 +318,7 @@ def _lora_layers(diffusers_to_ldm: Mapping[str, str]) -> dict[str, str]:
 
 
 def webui_stride_fits(config: Mapping[str, Any]) -> bool:
-    """Whether the WebUIs' fixed SD1.5 arithmetic (:func:`webui_fixed_ldm_path`) puts every layer a
+    """Whether A1111's fixed SD1.5 arithmetic (:func:`webui_fixed_ldm_path`) puts every layer a
     Standard or LoCon LoRA may train on this UNet where it belongs (true for SD1.x and SD2.x). Decided
     for the model, not the network type, so one model's layers have one name in every file."""
     for d, ldm in _lora_layers(unet_diffusers_to_ldm_names(config)).items():
