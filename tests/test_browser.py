@@ -54,7 +54,8 @@ def server(tmp_path, demo_data):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_trainer", "ui", "--config", str(cfg_path), "--port", str(port)],
+        # the dataset is chosen in the page: its folder is offered at start, as a user would
+        [sys.executable, "-m", "lora_trainer", "ui", "--config", str(cfg_path), "--port", str(port), "--data-root", str(tmp_path)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -105,6 +106,10 @@ def test_user_trains_from_the_standalone_tab(server):
         page.locator("#lora_trainer_start").wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "1-opened.png"), full_page=True)
 
+        # a folder the page was not started with is refused in the page, naming how to offer it
+        _fill(page, "lora_trainer_train_data_dir", "/etc")
+        page.locator("#lora_trainer_start").click()
+        page.locator("#lora_trainer_message .lora_trainer_error", has_text="--data-root").wait_for(timeout=30_000)
         _fill(page, "lora_trainer_train_data_dir", str(data))
         page.locator("#lora_trainer_start").click()
         status = page.locator("#lora_trainer_status_box")
