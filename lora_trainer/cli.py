@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import RESUME_MAY_CHANGE, TrainConfig
 from .errors import LoraTrainerError
 
 
@@ -121,11 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not runtime.is_main:
         bus = type(bus)()  # other processes train silently
     from .train.loop import preflight
+    from .train.state import find_state
 
-    # dataset and output names first: a wrong folder must not wait for a multi-GB model load
-    scan = preflight(cfg, bus, overwrite=args.overwrite)
+    resume = find_state(cfg, args.resume) if args.resume else None
+    # dataset, output names and the state to resume first: a wrong folder must not wait for a multi-GB model load
+    scan = preflight(cfg, bus, overwrite=args.overwrite, resume=resume, world_size=runtime.world_size)
     bundle = StandaloneHost().model_bundle(cfg, runtime)
-    train(cfg, bundle, bus, runtime=runtime, scan=scan, overwrite=args.overwrite)
+    train(cfg, bundle, bus, runtime=runtime, scan=scan, overwrite=args.overwrite, resume=resume)
     return 0
 
 
@@ -408,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="output_name")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     t.add_argument("--overwrite", action="store_true", help="allow replacing existing files of the same output_name")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="STATE",
+        help="continue a stopped run of this config from its latest training state (or from STATE: a step-*.json, "
+        "its .state or their folder); refused when the run would change. Options it may change: "
+        + ", ".join(RESUME_MAY_CHANGE),
+    )
     t.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -153,6 +153,13 @@ class TrainConfig:
     save_every_n_epochs: int = _f(1, "output", "Save a LoRA file every n epochs (0 = only the final one)", min=0, max=MAX_EPOCHS)
     save_precision: str = _f("fp16", "output", "Precision of the saved LoRA", choices=SAVE_PRECISION)
     logging_dir: str = _f("", "output", "TensorBoard folder (empty = no logging)")
+    save_state: bool = _f(
+        True,
+        "output",
+        "Save the training state (weights, optimizer, random generators, position) with each LoRA file and at "
+        "Stop and save, so train --resume continues the same run",
+    )
+    save_last_n_states: int = _f(1, "output", "Training states kept per output_name (older ones are removed)", min=1, max=MAX_EPOCHS)
     # grid (epochs x LoRA weights, built at the end of training)
     grid_after_training: bool = _f(True, "grid", "Build the epochs x weights grid when training ends")
     grid_each_epoch: bool = _f(
@@ -414,6 +421,24 @@ def _parse_scalar(raw: str) -> Any:
         return float(raw)
     except ValueError:
         return raw.strip("\"'")
+
+
+RESUME_MAY_CHANGE = (
+    "max_train_epochs",
+    "max_train_steps",
+    "save_every_n_epochs",
+    "save_precision",
+    "save_state",
+    "save_last_n_states",
+    "logging_dir",
+    "validation_loss",
+    "train_data_dir",  # the dataset itself is compared by its files, sizes, captions and repeats
+    "output_dir",
+    *(f.name for f in fields(TrainConfig) if f.metadata.get("section") == "grid"),
+)
+"""Options a resumed run may set otherwise: how long it runs (the learning-rate schedule is then laid over the
+new length), what and where it saves and logs, the grid. Every other option defines the run, and a resume
+that changes one is refused. Bit-identical files need none changed but the save and grid options."""
 
 
 def field_names() -> list[str]:

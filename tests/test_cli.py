@@ -156,7 +156,7 @@ def test_train_through_the_cli_then_inspect(tiny_sd, demo_data, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "<lora:cli:1>" in printed and "finished after 3 steps" in printed
     path = out / "cli.safetensors"
-    assert sorted(p.name for p in out.iterdir()) == ["cli.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".lora_trainer_state", "cli.safetensors"]  # + its training state
 
     # the same name again: refused (files are never overwritten), exit 2
     assert main(args) == 2
@@ -173,6 +173,12 @@ def test_train_through_the_cli_then_inspect(tiny_sd, demo_data, tmp_path, capsys
     shown = capsys.readouterr().out.splitlines()
     assert shown[0] == f"{path}: {len(keys)} tensors, {len(modules)} modules"
     assert f"  lora_unet_*: {n_unet}" in shown and f"  lora_te_*: {n_te}" in shown
+
+    # --resume: a changed run is refused with what differs (before the model loads), more steps continue it
+    assert main([*args, "--resume", "--set", "network_dim=8"]) == 2
+    assert "network_dim: 4 in the saved run, 8 now" in capsys.readouterr().err
+    assert main([*args, "--resume", "--set", "max_train_steps=5"]) == 0
+    assert "finished after 5 steps" in capsys.readouterr().out
     assert "  ss_output_name = cli" in shown and "  ss_steps = 3" in shown
     assert "  ss_network_dim = 4" in shown
     long_keys = [k for k, v in meta.items() if len(v) > 120]
@@ -205,7 +211,7 @@ def test_demo_creates_epoch_files_and_prints_tags(tmp_path):
     runs = list(tmp_path.glob("run-*"))
     assert len(runs) == 1
     lora_dir = runs[0] / "models" / "Lora"
-    files = sorted(p.name for p in lora_dir.iterdir())
+    files = sorted(p.name for p in lora_dir.glob("*.safetensors"))  # and the hidden training state
     assert files == ["demo_ohwx.safetensors"]
     for name in files:
         assert f"<lora:{Path(name).stem}:1>" in proc.stdout

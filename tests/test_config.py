@@ -68,6 +68,8 @@ def _non_defaults() -> TrainConfig:
         save_every_n_epochs=3,
         save_precision="bf16",
         logging_dir="logs",
+        save_state=False,
+        save_last_n_states=3,
         validation_loss=False,
         validation_split=0.2,
         grid_after_training=False,

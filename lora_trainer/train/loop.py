@@ -46,6 +46,7 @@ from .optim import build_optimizer, check_optimizer_args, current_lrs
 from .output import check_output_folder, save_or_keep
 from .runtime import Runtime
 from .schedulers import build_scheduler
+from .state import Checkpoint, Position, open_state, position_of, run_fingerprint, save_state
 from .validation import Validator, choose_validation
 
 MAX_GRAD_NORM = 1.0
@@ -114,19 +115,28 @@ def plan(
     return total, epochs, spe
 
 
-def preflight(cfg: TrainConfig, events: EventBus | None = None, overwrite: bool = False) -> DatasetScan:
+def preflight(
+    cfg: TrainConfig,
+    events: EventBus | None = None,
+    overwrite: bool = False,
+    resume: Path | None = None,
+    world_size: int = 1,
+) -> DatasetScan:
     """Everything that can be checked before a model is loaded: the config (with the optimizer's
     arguments), the dataset, that no existing LoRA file would be overwritten, that the output folder
     takes the files (temp files of interrupted saves removed first) and that the latent cache fits.
-    Returns the dataset scan for :func:`train`."""
+    With ``resume`` (a state's JSON), that the state belongs to this same run; the run's own files are
+    then expected. Returns the dataset scan for :func:`train`."""
     cfg.validate()
     check_text_encoder_cache(cfg)
     check_bucket_config(cfg)
     check_optimizer_args(cfg.optimizer, cfg.optimizer_args)
     scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning if events else None)
     output_dir = Path(cfg.output_dir)
+    if resume is not None:
+        open_state(resume, run_fingerprint(cfg, scan, world_size))  # raises with what differs
     clash = existing_outputs(output_dir, cfg.output_name)
-    if clash and not overwrite:
+    if clash and not overwrite and resume is None:
         raise ConfigError(
             "output_name",
             cfg.output_name,
@@ -149,17 +159,24 @@ def train(
     scan: DatasetScan | None = None,
     overwrite: bool = False,
     after_save: Callable[[Path, LoRANetwork], None] | None = None,
+    resume: Path | None = None,
 ) -> TrainResult:
     """Train one LoRA on ``bundle`` and write its files to ``cfg.output_dir``.
 
     ``after_save(path, network)`` runs after each saved file, without grad, with the training
     network still attached (``world.sample.lora_weight(network, 0)`` turns it off): the growing grid uses it.
-    The model is left as it was: hooks removed, base weights untouched, grad flags restored."""
+    The model is left as it was: hooks removed, base weights untouched, grad flags restored.
+
+    ``resume`` (a state's JSON, see ``train/state.py``) continues that run where it stood: the files
+    written from then on are those the run would have written had it never stopped."""
     events = events or EventBus()
     stop = stop or StopControl()
     runtime = runtime or Runtime(bundle.device, cfg.mixed_precision)
     if scan is None:
-        scan = preflight(cfg, events, overwrite)
+        scan = preflight(cfg, events, overwrite, resume, runtime.world_size)
+    fingerprint = {**run_fingerprint(cfg, scan, runtime.world_size), "model_hash": bundle.model_hash}
+    ckpt: Checkpoint | None = open_state(resume, fingerprint).load_tensors() if resume is not None else None
+    replace = overwrite or ckpt is not None  # a resumed run rewrites its own files (a Stop-and-save's final one)
     output_dir = Path(cfg.output_dir)
     entries = [e for s in scan.subsets for e in s.images]
     repeats = [s.repeats for s in scan.subsets for _ in s.images]
@@ -255,7 +272,7 @@ def train(
         bucket_info=buckets.info() if cfg.enable_bucket else None,
     )
 
-    def save(epoch: int, step: int, final: bool) -> None:
+    def save(epoch: int, step: int, final: bool, at: Position) -> None:
         if not runtime.is_main:
             return
         name = cfg.output_name if final else f"{cfg.output_name}-{epoch:06d}"
@@ -266,10 +283,17 @@ def train(
             meta["modelspec.date"] = "1970-01-01T00:00:00"
         tensors = network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
         # never replaces a file of that name that appeared since preflight (another run), unless overwrite
-        if not save_or_keep(lambda: save_lora_file(path, tensors, meta, replace=overwrite), path, final, events, stop):
+        if not save_or_keep(lambda: save_lora_file(path, tensors, meta, replace=replace), path, final, events, stop):
             return
         result.files.append(path)
         events.emit(FileSaved(str(path), epoch, step, final))
+        if cfg.save_state:
+            scaler = runtime.scaler
+            save_or_keep(
+                lambda: save_state(cfg, fingerprint, at, network, optimizer, scheduler, scaler, result.losses,
+                                   result.validation_losses),
+                path, False, events, stop,
+            )
         if after_save is not None:
             with torch.no_grad():
                 after_save(path, network)
@@ -312,6 +336,8 @@ def train(
         scheduler = build_scheduler(
             cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
         )
+        if ckpt is not None:
+            _restore(ckpt, network, optimizer, scheduler, runtime)
         excluded = set(val_indices) if val_held_out else set()
         samples = [i for i, r in enumerate(repeats) if i not in excluded for _ in range(r)]
 
@@ -348,24 +374,40 @@ def train(
             result.validation_losses[epoch] = v
             events.emit(ValidationLoss(epoch, v, val_held_out, len(val_indices)))
 
-        emit_validation(0)
         caption_rng = random.Random(cfg.seed * 1_000_003 + runtime.rank)
         caption_random = cfg.shuffle_caption or cfg.caption_dropout_rate > 0 or cfg.caption_tag_dropout_rate > 0
         recent: deque[float] = deque(maxlen=LOSS_WINDOW)
         step = 0
+        resumed_at: Position | None = None
+        if ckpt is None:
+            emit_validation(0)
+        else:
+            resumed_at = position_of(ckpt)
+            resumed_at.restore(gen, caption_rng)
+            step = ckpt.step
+            result.losses = list(ckpt.tensors["losses"])
+            recent.extend(result.losses)
+            result.validation_losses = {int(k): v for k, v in ckpt.info["validation_losses"].items()}
+            events.info(f"resuming {ckpt.path.name}: epoch {ckpt.epoch}, step {step} of {total}")
+        first_step = step
         loop_start = time.time()
-        for epoch in range(1, epochs + 1):
+        for epoch in range(resumed_at.epoch if resumed_at else 1, epochs + 1):
             order = epoch_order(samples, cfg.seed, epoch)  # the same on every process
             if cfg.enable_bucket:
                 # cut into bucket batches first, then share the batches out: equal counts on every process
                 batches = buckets.epoch_batches(order, cfg.train_batch_size, runtime.rank, runtime.world_size)
             else:  # one square bucket: share the samples out, then plain chunks of this process's share
                 batches = buckets.batches(list(runtime.shard(order)), cfg.train_batch_size)
-            epoch_losses: list[float] = []
+            skip = resumed_at.position if resumed_at and resumed_at.epoch == epoch else 0
+            epoch_losses: list[float] = list(resumed_at.epoch_losses) if skip else []
             accum_losses: list[float] = []
             optimizer.zero_grad(set_to_none=True)
             interrupted = False  # a stop that comes after the epoch's last step does not discard the epoch
+            # where a Stop resumes from: the last optimizer step (a stop mid-accumulation drops the partial one)
+            mark = Position.take(epoch, skip, step, gen, caption_rng, epoch_losses)
             for b_idx, batch in enumerate(batches):
+                if b_idx < skip:
+                    continue
                 if stop.requested:
                     interrupted = True
                     break
@@ -422,8 +464,9 @@ def train(
                 now = time.time()
                 if step == 1:
                     result.first_step_at = now
+                mark = Position.take(epoch, b_idx + 1, step, gen, caption_rng, epoch_losses)
                 done_since = now - loop_start
-                eta = done_since / step * (total - step)
+                eta = done_since / (step - first_step) * (total - step)
                 lrs = dict(zip([g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)], current_lrs(optimizer)))
                 events.emit(StepEvent(step, total, epoch, step_loss, sum(recent) / len(recent), lrs, now - started, eta))
                 if step >= total:
@@ -431,18 +474,20 @@ def train(
             if interrupted:
                 result.stopped = True
                 if stop.save and step > 0:
-                    save(epoch if b_idx > 0 else epoch - 1, step, final=True)
+                    save(epoch if b_idx > 0 else epoch - 1, step, final=True, at=mark)
                 break
             result.epochs_done = epoch
             mean = sum(epoch_losses) / max(len(epoch_losses), 1)
             events.emit(EpochEnd(epoch, mean, step))
             emit_validation(epoch)
+            # a finished epoch resumes at the next one's start; a run cut by max_train_steps where it stopped
+            done = Position.take(epoch + 1, 0, step, gen, caption_rng, []) if mark.position >= len(batches) else mark
             is_last = epoch == epochs or step >= total
             if is_last:
-                save(epoch, step, final=True)
+                save(epoch, step, final=True, at=done)
                 break
             if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
-                save(epoch, step, final=False)
+                save(epoch, step, final=False, at=done)
         result.steps = step
         runtime.barrier()
     except TrainingStopped:
@@ -458,6 +503,16 @@ def train(
     events.emit(TrainingFinished([str(p) for p in result.files], result.stopped, result.steps, result.seconds))
     result.network = network
     return result
+
+
+def _restore(ckpt: Checkpoint, network: LoRANetwork, optimizer, scheduler, runtime: Runtime) -> None:
+    """Weights, optimizer, schedule and loss scaler as they were when the state was saved."""
+    t = ckpt.tensors
+    network.load_state_dict(t["network"])
+    optimizer.load_state_dict(t["optimizer"])
+    scheduler.load_state_dict(t["scheduler"])
+    if runtime.scaler is not None and t["scaler"]:
+        runtime.scaler.load_state_dict(t["scaler"])
 
 
 def _param_groups(network: LoRANetwork, cfg: TrainConfig) -> list[dict]:
