@@ -142,6 +142,10 @@ def add_routes(
             return JSONResponse(status_code=400, content={"error": "send the options as a JSON object"})
         try:
             data = {**defaults().to_dict(), **payload, **(fixed_fields or {})}
+            if isinstance(data.get("resume"), bool):  # {"resume": true}: the latest state of output_name
+                data["resume"] = "latest" if data["resume"] else ""
+            if data.get("resume") not in ("", "latest"):  # a path would let a request read any file of the server
+                raise ConfigError("resume", data["resume"], "true, false, \"latest\" or \"\" over REST (a state of this output_name)")
             cfg = TrainConfig.from_dict(data, source="the request").validate()
             check_output_inside(lora_dir(cfg), cfg.output_name)
             start(cfg)

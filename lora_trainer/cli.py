@@ -123,7 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import preflight
     from .train.state import find_state
 
-    resume = find_state(cfg, args.resume) if args.resume else None
+    if args.resume:
+        cfg.resume = "latest" if args.resume is True else str(args.resume)
+    resume = find_state(cfg, cfg.resume) if cfg.resume else None
     # dataset, output names and the state to resume first: a wrong folder must not wait for a multi-GB model load
     scan = preflight(cfg, bus, overwrite=args.overwrite, resume=resume, world_size=runtime.world_size)
     bundle = StandaloneHost().model_bundle(cfg, runtime)

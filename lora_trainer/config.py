@@ -159,6 +159,12 @@ class TrainConfig:
         "Save the training state (weights, optimizer, random generators, position) with each LoRA file and at "
         "Stop and save, so train --resume continues the same run",
     )
+    resume: str = _f(
+        "",
+        "output",
+        "Continue a stopped run of this output_name: 'latest' (its latest training state) or a state's path "
+        "(empty = a new run)",
+    )
     save_last_n_states: int = _f(1, "output", "Training states kept per output_name (older ones are removed)", min=1, max=MAX_EPOCHS)
     # grid (epochs x LoRA weights, built at the end of training)
     grid_after_training: bool = _f(True, "grid", "Build the epochs x weights grid when training ends")
@@ -434,6 +440,7 @@ RESUME_MAY_CHANGE = (
     "validation_loss",
     "train_data_dir",  # the dataset itself is compared by its files, sizes, captions and repeats
     "output_dir",
+    "resume",
     *(f.name for f in fields(TrainConfig) if f.metadata.get("section") == "grid"),
 )
 """Options a resumed run may set otherwise: how long it runs (the learning-rate schedule is then laid over the

@@ -56,6 +56,18 @@ def test_train_status_and_files(tiny_sd, tiny_config):
     assert [f["tag"] for f in s["files"]] == ["<lora:api-000001:1>", "<lora:api:1>"]
 
 
+def test_resume_continues_the_run_over_rest(tiny_sd, tiny_config):
+    client, job = _client(tiny_sd, tiny_config)
+    assert client.post(f"{PREFIX}/train", json={"max_train_epochs": 1, "output_name": "api"}).status_code == 200
+    _wait(client, lambda s: s["state"] == "done")
+    r = client.post(f"{PREFIX}/train", json={"resume": "/etc/passwd", "output_name": "api"})
+    assert r.status_code == 422 and r.json()["field"] == "resume"
+    r = client.post(f"{PREFIX}/train", json={"max_train_epochs": 2, "output_name": "api", "resume": True})
+    assert r.status_code == 200
+    s = _wait(client, lambda s: s["state"] in ("done", "failed"))
+    assert s["state"] == "done" and s["step"] == s["total_steps"] == 16  # 8 steps more, from step 8
+
+
 def test_bad_values_and_names_are_refused(tiny_sd, tiny_config):
     client, job = _client(tiny_sd, tiny_config)
     r = client.post(f"{PREFIX}/train", json={"network_dim": "many"})

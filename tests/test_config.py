@@ -70,6 +70,7 @@ def _non_defaults() -> TrainConfig:
         logging_dir="logs",
         save_state=False,
         save_last_n_states=3,
+        resume="latest",
         validation_loss=False,
         validation_split=0.2,
         grid_after_training=False,

@@ -194,3 +194,23 @@ def test_save_state_off_writes_no_state(run_cfg, tiny_sd):
     assert not state_folder(run_cfg).exists()
     with pytest.raises(ConfigError, match="none in"):
         find_state(run_cfg, True)
+
+
+def test_a_host_job_resumes_from_the_config_field(run_cfg, tiny_sd):
+    """What REST ``{"resume": true}`` and the tab do: the host's job gets the config only."""
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.job import TrainingJob
+
+    run_cfg.max_train_epochs = 1
+    run_cfg.validation_loss = False
+    job = TrainingJob(StandaloneHost(copy.deepcopy(tiny_sd)).run)
+    job.start(run_cfg)
+    first = job.wait(300)
+    assert first.state == "done", first.error
+    more = copy.deepcopy(run_cfg)
+    more.max_train_epochs = 2
+    more.resume = "latest"
+    job.start(more)
+    s = job.wait(300)
+    assert s.state == "done", s.error
+    assert s.step == s.total_steps == 2 * first.step

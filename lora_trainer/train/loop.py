@@ -46,7 +46,7 @@ from .optim import build_optimizer, check_optimizer_args, current_lrs
 from .output import check_output_folder, save_or_keep
 from .runtime import Runtime
 from .schedulers import build_scheduler
-from .state import Checkpoint, Position, open_state, position_of, run_fingerprint, save_state
+from .state import Checkpoint, Position, find_state, open_state, position_of, run_fingerprint, save_state
 from .validation import Validator, choose_validation
 
 MAX_GRAD_NORM = 1.0
@@ -125,7 +125,7 @@ def preflight(
     """Everything that can be checked before a model is loaded: the config (with the optimizer's
     arguments), the dataset, that no existing LoRA file would be overwritten, that the output folder
     takes the files (temp files of interrupted saves removed first) and that the latent cache fits.
-    With ``resume`` (a state's JSON), that the state belongs to this same run; the run's own files are
+    With ``resume`` (a state's JSON; else the one ``cfg.resume`` names), that the state belongs to this same run; the run's own files are
     then expected. Returns the dataset scan for :func:`train`."""
     cfg.validate()
     check_text_encoder_cache(cfg)
@@ -133,6 +133,8 @@ def preflight(
     check_optimizer_args(cfg.optimizer, cfg.optimizer_args)
     scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension, log=events.warning if events else None)
     output_dir = Path(cfg.output_dir)
+    if resume is None and cfg.resume:
+        resume = find_state(cfg, cfg.resume)
     if resume is not None:
         open_state(resume, run_fingerprint(cfg, scan, world_size))  # raises with what differs
     clash = existing_outputs(output_dir, cfg.output_name)
@@ -167,13 +169,15 @@ def train(
     network still attached (``world.sample.lora_weight(network, 0)`` turns it off): the growing grid uses it.
     The model is left as it was: hooks removed, base weights untouched, grad flags restored.
 
-    ``resume`` (a state's JSON, see ``train/state.py``) continues that run where it stood: the files
+    ``resume`` (a state's JSON, else the one ``cfg.resume`` names; see ``train/state.py``) continues that run where it stood: the files
     written from then on are those the run would have written had it never stopped."""
     events = events or EventBus()
     stop = stop or StopControl()
     runtime = runtime or Runtime(bundle.device, cfg.mixed_precision)
     if scan is None:
         scan = preflight(cfg, events, overwrite, resume, runtime.world_size)
+    if resume is None and cfg.resume:
+        resume = find_state(cfg, cfg.resume)  # a host passes the config only
     fingerprint = {**run_fingerprint(cfg, scan, runtime.world_size), "model_hash": bundle.model_hash}
     ckpt: Checkpoint | None = open_state(resume, fingerprint).load_tensors() if resume is not None else None
     replace = overwrite or ckpt is not None  # a resumed run rewrites its own files (a Stop-and-save's final one)

@@ -105,7 +105,7 @@ def list_states(cfg: TrainConfig) -> list[Path]:
 
 def find_state(cfg: TrainConfig, spec: str | bool | None) -> Path:
     """The state to resume: the latest of this output_name (``spec`` True or "latest") or the one at ``spec``."""
-    if spec in (True, "latest", ""):
+    if spec in (True, "latest"):
         states = list_states(cfg)
         if not states:
             raise ConfigError("resume", "latest", f"a saved training state of {cfg.output_name!r}: none in {state_folder(cfg)}")
