@@ -158,6 +158,9 @@ def test_a_resume_that_changes_the_run_is_refused_before_loading(run_cfg, tiny_s
     with pytest.raises(ConfigError) as e:
         preflight(changed, resume=state)
     assert "network_dim: 4 in the saved run, 8 now" in str(e.value) and "optimizer" in str(e.value)
+    with pytest.raises(ConfigError, match="resuming several processes is not supported") as e:
+        preflight(run_cfg, resume=state, world_size=2)  # each process's random state is not saved
+    assert e.value.field == "resume"
     caption = next(Path(run_cfg.train_data_dir).rglob("*.txt"))
     caption.write_text(caption.read_text() + ", extra")
     with pytest.raises(ConfigError, match="the dataset"):

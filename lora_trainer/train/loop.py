@@ -135,6 +135,9 @@ def preflight(
     output_dir = Path(cfg.output_dir)
     if resume is None and cfg.resume:
         resume = find_state(cfg, cfg.resume)
+    if resume is not None and world_size > 1:
+        # a state holds the first process's random generators only: every process would restore them
+        raise ConfigError("resume", str(resume), "a run in one process (resuming several processes is not supported yet)")
     if resume is not None:
         open_state(resume, run_fingerprint(cfg, scan, world_size))  # raises with what differs
     clash = existing_outputs(output_dir, cfg.output_name)
