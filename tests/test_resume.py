@@ -217,3 +217,49 @@ def test_a_host_job_resumes_from_the_config_field(run_cfg, tiny_sd):
     s = job.wait(300)
     assert s.state == "done", s.error
     assert s.step == s.total_steps == 2 * first.step
+
+
+@pytest.mark.slow
+def test_a_process_killed_with_sigkill_then_resumed_from_the_cli_writes_the_same_files(run_cfg, tiny_sd, tmp_path):
+    """The real thing: ``lora_trainer train`` killed with SIGKILL at a random moment after its first state
+    (mid-epoch, during or right after a save), then ``--resume``: every file equals, bit for bit, that of
+    the same command never interrupted."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lora_trainer.model.tiny import save_diffusers_folder
+
+    model = save_diffusers_folder(tiny_sd, tmp_path / "tiny-model")
+    run_cfg.pretrained_model = str(model)
+    run_cfg.max_train_epochs = 4
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path, *extra: str) -> list[str]:
+        cfg = copy.deepcopy(run_cfg)
+        cfg.output_dir = str(out)
+        cfg.save(tmp_path / f"{out.name}.toml")
+        return [sys.executable, "-m", "lora_trainer", "train", "--config", str(tmp_path / f"{out.name}.toml"),
+                "--device", "cpu", "--quiet", *extra]  # fmt: skip
+
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = out / STATE_FOLDER / run_cfg.output_name
+    deadline = time.time() + 300
+    while not list(states.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the next epochs: a step, a save, a validation
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert not (out / f"{run_cfg.output_name}.safetensors").exists(), "killed too late: the run had finished"
+
+    resumed = subprocess.run(command(out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_bit_identical(_tensors(tmp_path / "whole"), _tensors(out))
