@@ -1,6 +1,7 @@
 """What only a CUDA GPU can check: the fp16 loss scaler and bf16 autocast on the device they are for, half-precision
-base weights under float32 LoRA weights, xformers, gradient checkpointing, and the A1111 adapter on real ``ldm``
-modules in half precision (with and without --medvram moving them between the CPU and the GPU).
+base weights under float32 LoRA weights, xformers, and the A1111 adapter on real ``ldm`` modules in half precision
+(with and without --medvram moving them between the CPU and the GPU). Gradient checkpointing on CUDA is the
+``cuda`` case of tests/test_loop.py's checkpointing test.
 
 Every test here is skipped without a GPU (CI has none); ``benchmarks/gpu_check.sh`` runs this file on a lent GPU.
 tests/test_precision.py runs the same paths on a CPU; its helpers are shared here."""
@@ -122,34 +123,6 @@ def test_xformers_attention_is_used_and_trains_as_sdpa(tiny_sd, tiny_config, mon
     result = train(tiny_config, make_sd_bundle(tiny_sd, device=CUDA), runtime=Runtime(CUDA, "no"))
     assert _finite(result, 3) and calls[0] > 0
     assert result.losses == pytest.approx(sdpa.losses, rel=1e-3, abs=1e-5)
-
-
-def test_gradient_checkpointing_on_cuda_same_losses_and_really_on(tiny_sd, tiny_config, tmp_path):
-    """As tests/test_loop.py on the CPU: the checkpointed run recomputes the blocks in the backward pass (a
-    block's forward runs twice a step) and gives the same losses and weights."""
-
-    def run(on: bool):
-        cfg = copy.deepcopy(tiny_config)
-        cfg.gradient_checkpointing = on
-        cfg.max_train_steps = 3
-        cfg.save_precision = "float"
-        cfg.output_dir = str(tmp_path / str(on))
-        parts = copy.deepcopy(tiny_sd)
-        calls = [0]
-        # a pre-hook: the recomputation may stop early, before a forward hook would fire
-        parts.unet.up_blocks[0].resnets[0].register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-        result = train(cfg, make_sd_bundle(parts, device=CUDA), runtime=Runtime(CUDA, "no"))
-        return result, calls[0]
-
-    (off, calls_off), (on, calls_on) = run(False), run(True)
-    assert calls_off == 3 and calls_on == 6
-    assert on.losses == pytest.approx(off.losses, rel=1e-4)
-    a, b = fake._file(off.files[-1])[0], fake._file(on.files[-1])[0]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-
-
-# --------------------------------------------------------------------------- the A1111 adapter in half precision
 
 
 def _as_a1111_loads(sd) -> None:
