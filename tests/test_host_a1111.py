@@ -22,6 +22,7 @@ from torch import nn
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import ConfigError, LoraTrainerError
+from lora_trainer.train.state import STATE_FOLDER  # the resume states live beside the LoRA files
 
 # --------------------------------------------------------------------------- the fake host
 
@@ -449,7 +450,7 @@ def test_run_trains_the_loaded_model_and_leaves_it_as_it_was(host_env, cfg):
     A1111Host().run(cfg, EventBus(listener), StopControl())
 
     # files: one per epoch, in the host's Lora folder, never in cfg.output_dir
-    files = sorted(p.name for p in env.lora_dir.iterdir())
+    files = sorted(p.name for p in env.lora_dir.iterdir() if p.name != STATE_FOLDER)
     assert files == ["t-000001.safetensors", "t.safetensors"]
     assert not (Path(cfg.output_dir)).exists()
     tensors, meta = _file(env.lora_dir / "t.safetensors")
@@ -503,7 +504,7 @@ def test_training_job_checkpointing_clip_skip_and_subfolder(host_env, cfg):
     status = job.wait(120)
     assert status.state == "done", status.error
     folder = env.lora_dir / "mine" / "v1"
-    assert sorted(p.name for p in folder.iterdir()) == ["ck-000001.safetensors", "ck.safetensors"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != STATE_FOLDER) == ["ck-000001.safetensors", "ck.safetensors"]
     assert [Path(f.path).parent for f in status.files] == [folder, folder]
     tensors, meta = _file(folder / "ck.safetensors")
     assert {k.split(".")[0] for k in tensors} == _expected_names(env.sd)
@@ -1051,7 +1052,7 @@ def test_sdxl_run_trains_every_adapter_loads_in_diffusers_and_leaves_the_host_as
 
     cfg = TrainConfig(**{**cfg.to_dict(), "clip_skip": 2, "save_precision": "float"})
     A1111Host().run(cfg, EventBus(listener), StopControl())
-    assert sorted(p.name for p in env.lora_dir.iterdir()) == ["t-000001.safetensors", "t.safetensors"]
+    assert sorted(p.name for p in env.lora_dir.iterdir() if p.name != STATE_FOLDER) == ["t-000001.safetensors", "t.safetensors"]
     tensors, meta = _file(env.lora_dir / "t.safetensors")
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

@@ -25,6 +25,7 @@ import torch
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.train.runtime import Runtime
+from lora_trainer.train.state import STATE_FOLDER  # the resume states live beside the LoRA files
 
 REPO = Path(__file__).resolve().parents[1]
 # A hang (e.g. ranks disagreeing on the number of all-reduces) must fail, not block CI. On an idle 2-core
@@ -194,7 +195,7 @@ def test_two_processes_train_identical_loras(tmp_path):
     assert r0["steps"] == r1["steps"] == 4  # ceil(3 / 2) = 2 steps per epoch x 2 epochs
     assert r0["files"] == [str(lora_dir / "spawned.safetensors")]
     assert r1["files"] == []
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["spawned.safetensors"]
+    assert sorted(p.name for p in lora_dir.iterdir() if p.name != STATE_FOLDER) == ["spawned.safetensors"]
     assert r0["losses"] != r1["losses"]  # each rank saw its own samples / noise...
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:  # ...yet the weights agree bit for bit
@@ -265,7 +266,7 @@ def test_accelerate_launch_two_cpu_processes(saved_model):
     # only rank 0 reports (the other processes train silently) and only rank 0 saves
     assert proc.stdout.count("finished after 4 steps") == 1, log
     assert proc.stdout.count("saved ") == 1, log
-    assert sorted(p.name for p in out.iterdir()) == ["mp.safetensors"], log
+    assert sorted(p.name for p in out.iterdir() if p.name != STATE_FOLDER) == ["mp.safetensors"], log
 
     with safe_open(str(out / "mp.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -402,7 +403,7 @@ def test_accelerate_launch_two_cpu_processes_with_buckets(saved_model, tmp_path)
     assert "padded with the epoch's first batch again" in proc.stdout, log
     assert proc.stdout.count("finished after 6 steps") == 1, log
     assert proc.stdout.count("saved ") == 1, log
-    assert sorted(p.name for p in out.iterdir()) == ["mpb.safetensors"], log
+    assert sorted(p.name for p in out.iterdir() if p.name != STATE_FOLDER) == ["mpb.safetensors"], log
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     rec0, rec1 = r0["record"], r1["record"]

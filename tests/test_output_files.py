@@ -25,6 +25,7 @@ from lora_trainer.network.save import save_lora_file, serialize_lora
 from lora_trainer.train import output
 from lora_trainer.train.events import EventBus, Message, StopControl
 from lora_trainer.train.loop import preflight, train
+from lora_trainer.train.state import STATE_FOLDER  # the resume states live beside the LoRA files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def _tensors(seed: int, n: int = 4096) -> dict[str, torch.Tensor]:
 
 
 def _hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != STATE_FOLDER)
 
 
 # ------------------------------------------------------------------ exclusive creation
@@ -275,7 +276,7 @@ def test_disk_full_at_save_time_keeps_the_lora_and_saves_it_when_space_is_back(t
     assert "t-000001.safetensors: the disk is full. Free space there" in errors[0]
     assert "the next save, or Stop and save, writes it again" in errors[0]
     assert "t.safetensors: the disk is full" in errors[1] and "tried again every 0.05 s" in errors[1]
-    assert sorted(p.name for p in folder.iterdir()) == ["t.safetensors"]  # no half file, no temp file
+    assert sorted(p.name for p in folder.iterdir() if p.name != STATE_FOLDER) == ["t.safetensors"]  # no half file, no temp file
     assert load_file(folder / "t.safetensors")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lora_trainer.hosts import webui
+from lora_trainer.train.state import STATE_FOLDER  # the resume states live beside the LoRA files
 from tests.test_host_a1111 import _master_model, cfg, host_env, install_fake_webui  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +156,7 @@ def test_tab_trains_on_the_loaded_model(host_env, cfg, fresh_webui):  # noqa: F8
     assert "started" in h["start"](*values)
     status = webui.get_backend().extra["job"].wait(120)
     assert status.state == "done", status.error
-    assert sorted(p.name for p in host_env.lora_dir.iterdir()) == ["t-000001.safetensors", "t.safetensors"]
+    assert sorted(p.name for p in host_env.lora_dir.iterdir() if p.name != STATE_FOLDER) == ["t-000001.safetensors", "t.safetensors"]
     shown = h["refresh"]()  # status, loss plot, files, log, ...
     status_html, files_html = shown[0], shown[2]
     assert 'data-state="done"' in status_html and "&lt;lora:t:1&gt;" in files_html

@@ -294,7 +294,7 @@ def train(
             return
         result.files.append(path)
         events.emit(FileSaved(str(path), epoch, step, final))
-        if cfg.save_state:
+        if cfg.save_state and runtime.world_size == 1:  # several processes cannot resume yet: no state to keep
             scaler = runtime.scaler
             save_or_keep(
                 lambda: save_state(cfg, fingerprint, at, network, optimizer, scheduler, scaler, result.losses,
