@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 try:  # POSIX; on Windows an open file cannot be deleted, which protects a temp file being written
@@ -185,3 +186,8 @@ def write_problem(err: OSError) -> tuple[str, str]:
     if reason is not None:
         return reason
     return (err.strerror or str(err), "check the folder, or choose another output folder")
+
+
+def free_disk(path: str | Path) -> int:
+    """Bytes free on the disk that holds ``path`` (for the checks made before a run writes)."""
+    return shutil.disk_usage(path).free

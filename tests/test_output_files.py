@@ -233,10 +233,7 @@ def test_read_only_file_system_fails_in_preflight(tiny_config, monkeypatch):
 
 
 def test_full_disk_fails_in_preflight(tiny_config, monkeypatch):
-    import shutil
-
-    real = shutil.disk_usage
-    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(output, "free_disk", lambda path: 1000)
     tiny_config.network_dim = 32
     with pytest.raises(ConfigError, match="free space there or choose another output folder") as e:
         preflight(tiny_config)

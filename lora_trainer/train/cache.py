@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from ..dataset import DatasetScan, image_to_tensor, load_image
 from ..errors import NotEnoughSpace
-from ..files import write_file
+from ..files import free_disk, write_file
 
 CACHE_SUFFIX = ".lora_trainer.npz"
 
@@ -143,10 +142,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def free_disk(path: Path) -> int:
-    return shutil.disk_usage(path).free
 
 
 def _size(n: int) -> str:

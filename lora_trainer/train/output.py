@@ -8,13 +8,12 @@ the name) into one line that says which file, why and what to do, and keeps the 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..files import check_writable, remove_stale_temp_files, write_problem
+from ..files import check_writable, free_disk, remove_stale_temp_files, write_problem
 from .events import EventBus, Message, StopControl
 
 # Bytes of an SD1.5 LoRA (UNet + text encoder) per unit of network_dim in fp16: 144 MB at dim 128.
@@ -44,7 +43,7 @@ def check_output_folder(cfg: TrainConfig, epochs: int, extra_folders: list[Path]
         why, fix = write_problem(e)
         raise ConfigError("output_dir", str(folder), f"a folder files can be created in ({why}): {fix}") from None
     need = expected_output_bytes(cfg, epochs)
-    free = shutil.disk_usage(folder).free
+    free = free_disk(folder)
     if free < need:
         raise ConfigError(
             "output_dir",
