@@ -252,10 +252,12 @@ def test_a_process_killed_with_sigkill_then_resumed_from_the_cli_writes_the_same
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # after a random epoch's file, a random moment later: in a step, a save or a validation, at least 3
-    # epochs before the end whatever the machine's speed
+    # epochs before the end whatever the machine's speed. A state must exist by then (the first one comes
+    # right after the first epoch's file; a kill before it leaves nothing to resume)
     epoch_file = out / f"{run_cfg.output_name}-{random.randint(1, 5):06d}.safetensors"
+    states = out / STATE_FOLDER / run_cfg.output_name
     deadline = time.time() + 300
-    while not epoch_file.exists() and time.time() < deadline and proc.poll() is None:
+    while not (epoch_file.exists() and list(states.glob("*.json"))) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(random.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
